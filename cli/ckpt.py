@@ -1,0 +1,1 @@
+"""Commands: merge, add, remove, extract, inspect (owned by the checkpoint-tool work)."""

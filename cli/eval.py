@@ -1,0 +1,1 @@
+"""Commands: eval, generate (owned by the evaluation/inference work)."""

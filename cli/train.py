@@ -1,0 +1,1 @@
+"""Commands: train-anchor, init-anchor, embed-domain, train-expert (owned by the training work)."""

@@ -1,0 +1,3 @@
+"""flexmoe: FlexOlmo-style modular mixture-of-experts language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,134 @@
+"""Anchor metadata: `flexmoe_anchor.json` + `flexmoe_router.safetensors` beside a stock Olmo2 directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io.reader import LazyReader
+from flexmoe.io.safetensors_format import TensorSpec
+from flexmoe.io.writer import ShardWriter
+
+ANCHOR_META = "flexmoe_anchor.json"
+ANCHOR_ROUTER = "flexmoe_router.safetensors"
+FORMAT = "flexmoe-anchor/1"
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    """Which sentence embedder made router rows: two owners must use the same one."""
+
+    name: str
+    dim: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "EmbedderIdentity | None":
+        return None if d is None else cls(name=str(d["name"]), dim=int(d["dim"]), sha256=str(d["sha256"]))
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """The fixed map from embedder space (in_dim) to model space (out_dim), drawn once at anchor creation."""
+
+    kind: str
+    seed: int
+    in_dim: int
+    out_dim: int
+
+
+@dataclass
+class AnchorMeta:
+    fingerprint: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    dtype: str
+    embedder: EmbedderIdentity | None
+    projection: ProjectionSpec | None = None
+    public_data: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AnchorMeta":
+        proj = d.get("projection")
+        return cls(fingerprint=d["fingerprint"], hidden_size=int(d["hidden_size"]), num_layers=int(d["num_layers"]),
+                   intermediate_size=int(d["intermediate_size"]), dtype=str(d["dtype"]),
+                   embedder=EmbedderIdentity.from_json(d.get("embedder")),
+                   projection=ProjectionSpec(**proj) if proj else None, public_data=dict(d.get("public_data", {})))
+
+
+@dataclass
+class Anchor:
+    """A loaded anchor's flexmoe side: metadata, r_pub in model space, and the embedder projection."""
+
+    path: Path
+    meta: AnchorMeta
+    public_row: torch.Tensor  # (hidden,) float32
+    projection: torch.Tensor | None  # (hidden, embed_dim) float32, or None when embed_dim == hidden
+
+    def to_model_space(self, embedding_row: torch.Tensor) -> torch.Tensor:
+        """Map a raw embedder row (embed_dim,) to a router row (hidden,), the same way for every owner."""
+        row = embedding_row.float().reshape(-1)
+        if self.projection is None:
+            if row.numel() != self.meta.hidden_size:
+                raise ConfigError(f"router row has dimension {row.numel()}, anchor hidden size is {self.meta.hidden_size}; "
+                                  "use an embedder of the anchor's dimension or re-create the anchor with this embedder")
+            return row
+        if row.numel() != self.projection.shape[1]:
+            raise ConfigError(f"router row has dimension {row.numel()}, the anchor's embedder projection expects "
+                              f"{self.projection.shape[1]}; use the anchor's embedder ({self.meta.embedder.name if self.meta.embedder else '?'})")
+        return self.projection @ row
+
+
+def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """A fixed Gaussian map (out_dim, in_dim) scaled to preserve norms in expectation (Johnson-Lindenstrauss)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_dim, in_dim, generator=g, dtype=torch.float32) / out_dim**0.5
+
+
+def write_anchor_files(out_dir: Path, meta: AnchorMeta, public_row: torch.Tensor, projection: torch.Tensor | None) -> None:
+    """Write the two flexmoe files into an (atomic, temporary) anchor directory."""
+    tensors = {"public_row": public_row.detach().float().reshape(-1).contiguous()}
+    if projection is not None:
+        tensors["projection"] = projection.detach().float().contiguous()
+    with ShardWriter(out_dir, [TensorSpec.of(k, v) for k, v in tensors.items()], prefix="flexmoe_router",
+                     max_shard_bytes=2**62) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        w.finalize()
+    (out_dir / ANCHOR_META).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+
+
+def read_anchor(path: str | Path) -> Anchor:
+    """Load an anchor's flexmoe metadata. Raises `CheckpointError` if `path` is not a flexmoe anchor."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: not a model directory (no config.json)")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON") from e
+    if model_type not in ("olmo2", "flex_olmo"):
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not an OLMo-2 anchor (expected 'olmo2')")
+    meta_file = path / ANCHOR_META
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
+    try:
+        data = json.loads(meta_file.read_text())
+        if data.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_file}: unknown format {data.get('format')!r} (expected {FORMAT})")
+        meta = AnchorMeta.from_json(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_file}: corrupt anchor metadata ({e})") from e
+    with LazyReader.from_file(path / ANCHOR_ROUTER) as r:
+        public_row = r.get("public_row").float()
+        projection = r.get("projection").float() if "projection" in r else None
+    return Anchor(path=path, meta=meta, public_row=public_row, projection=projection)

@@ -1,0 +1,104 @@
+"""Atomic outputs: build beside the target, fsync, rename. A killed run leaves no half-written target.
+
+Temporary siblings are named `.{target}.flexmoe-tmp.{pid}`; a later run removes those whose process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from flexmoe.errors import OutputExistsError
+
+_TMP_TAG = ".flexmoe-tmp."
+_OLD_TAG = ".flexmoe-old."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    for tag in (_TMP_TAG, _OLD_TAG):
+        for p in target.parent.glob(f".{target.name}{tag}*"):
+            pid = p.name.rsplit(".", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output unless `overwrite`; call before any slow work so the user learns early."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists: choose another --out or pass --overwrite")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp dir beside `out`; on success it replaces `out` in one rename, on error it vanishes.
+
+    With `overwrite`, an existing `out` (which may also be one of the inputs, as in `--in-place`) is swapped
+    out only after the new one is complete.
+    """
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
+    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.rename(tmp, out)
+        _fsync_path(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file through a temp file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,134 @@
+"""Lazy, read-only access to the tensors of a model directory, a single safetensors file or an index.
+
+Nothing is loaded until asked for; `copy_to` moves a tensor's raw bytes between files in the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import CheckpointError
+from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorLocation, TensorSpec, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The safetensors files a model directory consists of, validated to exist. Index first, like transformers."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: corrupt index (no weight_map)") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: shard {missing[0]} named in {INDEX_NAME} is missing")
+        return [model_dir / f for f in files]
+    if (model_dir / SINGLE_NAME).is_file():
+        return [model_dir / SINGLE_NAME]
+    if model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME}; is it a model directory?")
+    raise CheckpointError(f"{model_dir}: no such directory")
+
+
+class LazyReader:
+    """Maps tensor names to locations in one or more safetensors files; reads one tensor at a time."""
+
+    def __init__(self, files: list[Path]):
+        self.files = [Path(f) for f in files]
+        self._loc: dict[str, TensorLocation] = {}
+        self.metadata: dict[str, str] = {}
+        for f in self.files:
+            locs, meta = read_header(f)
+            dup = self._loc.keys() & locs.keys()
+            if dup:
+                raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in two shards")
+            self._loc.update(locs)
+            self.metadata.update(meta)
+        self._fh: dict[Path, object] = {}
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "LazyReader":
+        return cls(model_files(Path(model_dir)))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LazyReader":
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        return cls([path])
+
+    def keys(self) -> list[str]:
+        return sorted(self._loc)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._loc
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._location(key).spec
+
+    def _location(self, key: str) -> TensorLocation:
+        try:
+            return self._loc[key]
+        except KeyError:
+            raise CheckpointError(f"tensor {key!r} not found in {self.files[0].parent}") from None
+
+    def _handle(self, path: Path):
+        # One shard open at a time: enough for sequential streaming, bounded file handles for any model size.
+        if path not in self._fh:
+            self.close()
+            self._fh[path] = open(path, "rb")
+        return self._fh[path]
+
+    def read_bytes(self, key: str) -> bytes:
+        loc = self._location(key)
+        f = self._handle(loc.path)
+        f.seek(loc.offset)
+        data = f.read(loc.spec.nbytes)
+        if len(data) != loc.spec.nbytes:
+            raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
+        return data
+
+    def get(self, key: str) -> torch.Tensor:
+        """A fresh CPU tensor (owns its memory; safe to modify)."""
+        spec = self.spec(key)
+        data = bytearray(self.read_bytes(key))
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return flat.view(DTYPE_TO_TORCH[spec.dtype]).reshape(spec.shape)
+
+    def copy_to(self, key: str, dst_fd: int) -> None:
+        """Append the raw bytes of `key` to the file `dst_fd` at its current position, in-kernel when possible."""
+        loc = self._location(key)
+        src = self._handle(loc.path)
+        remaining, offset = loc.spec.nbytes, loc.offset
+        while remaining:
+            try:
+                n = os.copy_file_range(src.fileno(), dst_fd, remaining, offset)
+            except (AttributeError, OSError):
+                n = 0
+            if n <= 0:  # no in-kernel copy here (or across filesystems): chunked user-space copy
+                src.seek(offset)
+                chunk = src.read(min(remaining, 64 * 2**20))
+                if not chunk:
+                    raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
+                n = os.write(dst_fd, chunk)
+            remaining -= n
+            offset += n
+
+    def close(self) -> None:
+        for f in self._fh.values():
+            f.close()
+        self._fh.clear()
+
+    def __enter__(self) -> "LazyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

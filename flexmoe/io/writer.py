@@ -1,0 +1,147 @@
+"""Bounded shard writer: tensors stream straight to their shard file in a planned order.
+
+The caller first declares every tensor (name, dtype, shape); shards are assigned up front, so each shard's
+header can be written before its data and no shard is ever buffered in memory. Peak memory is one tensor,
+independent of model size. Output names follow transformers: `model.safetensors` for one shard, else
+`model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from flexmoe.errors import CheckpointError
+from flexmoe.io.reader import LazyReader
+from flexmoe.io.safetensors_format import TensorSpec, encode_header, tensor_bytes
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1234 -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            s, m = s[: -len(u)], mult
+            break
+    else:
+        m = 1
+    try:
+        value = int(float(s) * m)
+    except ValueError:
+        raise CheckpointError(f"bad size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
+    if value <= 0:
+        raise CheckpointError(f"bad size {text!r}: must be positive")
+    return value
+
+
+class ShardWriter:
+    """Write the declared tensors, in declaration order, into HF-named shards in `out_dir`.
+
+    Args:
+        out_dir: an existing (temporary) directory.
+        specs: every tensor to be written, in the order `write`/`copy_from` will be called.
+        max_shard_bytes: a shard is closed before it would exceed this (a larger tensor gets its own shard).
+        prefix: file stem, `model` for models, `expert` for expert packages.
+        metadata: string metadata stored in every shard header.
+    """
+
+    def __init__(self, out_dir: str | Path, specs: Sequence[TensorSpec], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 prefix: str = "model", metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.metadata = metadata
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("duplicate tensor names in output plan")
+        self._shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in specs:
+            if self._shards[-1] and size + s.nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(s)
+            size += s.nbytes
+        self._order = [s for shard in self._shards for s in shard]
+        self._shard_of = [i for i, shard in enumerate(self._shards) for _ in shard]
+        self._next = 0
+        self._shard_idx = -1
+        self._fd: int | None = None
+        self.total_size = sum(s.nbytes for s in specs)
+
+    def shard_name(self, i: int) -> str:
+        n = len(self._shards)
+        return f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+    def _expect(self, name: str) -> TensorSpec:
+        if self._next >= len(self._order):
+            raise CheckpointError(f"tensor {name!r} was not declared")
+        spec = self._order[self._next]
+        if spec.name != name:
+            raise CheckpointError(f"tensors written out of order: got {name!r}, expected {spec.name!r}")
+        if self._shard_of[self._next] != self._shard_idx:
+            self._open_shard(self._shard_of[self._next])
+        return spec
+
+    def _open_shard(self, idx: int) -> None:
+        self._close_fd()
+        self._shard_idx = idx
+        header, _ = encode_header(self._shards[idx], self.metadata)
+        self._fd = os.open(self.out_dir / self.shard_name(idx), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(self._fd, header)
+
+    def _advance(self) -> None:
+        self._next += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._expect(name)
+        if TensorSpec.of(name, tensor) != spec:
+            raise CheckpointError(f"tensor {name!r} is {TensorSpec.of(name, tensor)}, planned {spec}")
+        data = tensor_bytes(tensor)
+        view, done = data, 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        self._advance()
+
+    def copy_from(self, name: str, reader: LazyReader, key: str | None = None) -> None:
+        """Copy tensor `key` (default: `name`) of `reader` as raw bytes, without deserialising it."""
+        spec = self._expect(name)
+        src = reader.spec(key or name)
+        if (src.dtype, src.shape) != (spec.dtype, spec.shape):
+            raise CheckpointError(f"tensor {key or name!r} is {src.dtype}{list(src.shape)}, planned {spec.dtype}{list(spec.shape)}")
+        reader.copy_to(key or name, self._fd)
+        self._advance()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def finalize(self) -> list[str]:
+        """Close the last shard, write the index if there are several; returns the shard file names."""
+        if self._next != len(self._order):
+            raise CheckpointError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        if not self._order:  # an empty plan still yields a valid (empty) file
+            self._open_shard(0)
+        self._close_fd()
+        names = [self.shard_name(i) for i in range(len(self._shards))]
+        if len(names) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {s.name: self.shard_name(i) for i, shard in enumerate(self._shards) for s in shard}}
+            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_fd()

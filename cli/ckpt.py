@@ -1,1 +1,160 @@
-"""Commands: merge, add, remove, extract, inspect (owned by the checkpoint-tool work)."""
+"""Commands: merge, add, remove, extract, inspect — thin wrappers over the checkpoint verbs of `flexmoe.api`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from flexmoe import api
+from flexmoe.cli import main
+from flexmoe.config import MergeConfig
+from flexmoe.errors import ConfigError
+
+_path = click.Path(path_type=Path)
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+_shard_flag = click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+_overwrite_flag = click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
+_quiet_flag = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+
+
+def _report(result, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    click.echo(f"wrote {result.out}: experts {', '.join(result.experts)} (E={len(result.experts)}), "
+               f"top-k {result.top_k}, {len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB "
+               f"in {result.seconds:.1f}s")
+    for note in result.notes:
+        click.echo(note)
+
+
+def _target(merged: Path, out: Path | None, in_place: bool) -> tuple[Path, bool]:
+    """--out or --in-place (exactly one); in place = atomic swap of the input folder."""
+    if in_place == (out is not None):
+        raise ConfigError("give exactly one of --out DIR or --in-place")
+    return (merged, True) if in_place else (out, False)
+
+
+@main.command()
+@click.option("--anchor", required=True, type=_path, help="Anchor directory (dense OLMo-2 + flexmoe_anchor.json).")
+@click.option("--expert", "experts", multiple=True, required=True, type=_path, help="Expert package (repeatable).")
+@click.option("--out", required=True, type=_path, help="Output folder (created atomically).")
+@click.option("--top-k", type=int, default=None, help="Experts per token [default: min(4, E)].")
+@click.option("--verify", is_flag=True, help="Recompute the anchor fingerprint from its tensors first.")
+@_shard_flag
+@_overwrite_flag
+@_quiet_flag
+@_json_flag
+def merge(anchor, experts, out, top_k, verify, shard_size, overwrite, quiet, as_json):
+    """Merge an anchor and expert packages into one transformers FlexOlmo checkpoint.
+
+    Expert 0 is the anchor's FFN; the experts follow in the order given. Every package must have been
+    trained on this anchor (its fingerprint is checked).
+
+    \b
+    Example:
+      flexmoe merge --anchor runs/anchor --expert runs/code --expert runs/news --out runs/merged
+      flexmoe merge --anchor runs/anchor --expert runs/code --out runs/m --top-k 2 --shard-size 2GB
+    """
+    cfg = MergeConfig(top_k=top_k, shard_size=shard_size, overwrite=overwrite, verify_fingerprint=verify,
+                      progress=not quiet)
+    _report(api.merge(anchor, list(experts), out, cfg), as_json)
+
+
+@main.command()
+@click.argument("merged", type=_path)
+@click.option("--expert", required=True, type=_path, help="Expert package to append.")
+@click.option("--out", type=_path, help="Output folder.")
+@click.option("--in-place", is_flag=True, help="Replace MERGED (built beside it, swapped in at the end).")
+@click.option("--top-k", type=int, default=None, help="New top-k [default: keep the merge's setting].")
+@click.option("--verify", is_flag=True, help="Recompute MERGED's anchor fingerprint from its tensors first.")
+@_shard_flag
+@_overwrite_flag
+@_quiet_flag
+@_json_flag
+def add(merged, expert, out, in_place, top_k, verify, shard_size, overwrite, quiet, as_json):
+    """Add an expert package to a merged checkpoint (no anchor needed).
+
+    \b
+    Example:
+      flexmoe add runs/merged --expert runs/law --out runs/merged-law
+      flexmoe add runs/merged --expert runs/law --in-place
+    """
+    out, swap = _target(merged, out, in_place)
+    cfg = MergeConfig(top_k=top_k, shard_size=shard_size, overwrite=overwrite or swap, verify_fingerprint=verify,
+                      progress=not quiet)
+    _report(api.add(merged, expert, out, cfg), as_json)
+
+
+@main.command()
+@click.argument("merged", type=_path)
+@click.option("--expert", "name", required=True, help="Name of the expert to remove.")
+@click.option("--out", type=_path, help="Output folder.")
+@click.option("--in-place", is_flag=True, help="Replace MERGED (built beside it, swapped in at the end).")
+@_shard_flag
+@_overwrite_flag
+@_quiet_flag
+@_json_flag
+def remove(merged, name, out, in_place, shard_size, overwrite, quiet, as_json):
+    """Remove an expert (its FFN, router row and bias): the owner's opt-out. Top-k becomes min(k, E-1).
+
+    \b
+    Example:
+      flexmoe remove runs/merged --expert news --out runs/merged-no-news
+      flexmoe remove runs/merged --expert news --in-place
+    """
+    out, swap = _target(merged, out, in_place)
+    cfg = MergeConfig(shard_size=shard_size, overwrite=overwrite or swap, progress=not quiet)
+    _report(api.remove(merged, name, out, cfg), as_json)
+
+
+@main.command()
+@click.argument("merged", type=_path)
+@click.option("--expert", "name", required=True, help="Name of the expert to extract.")
+@click.option("--out", required=True, type=_path, help="Output package folder.")
+@_overwrite_flag
+@_quiet_flag
+@_json_flag
+def extract(merged, name, out, overwrite, quiet, as_json):
+    """Write one expert of a merged checkpoint back out as an expert package (bit-exact).
+
+    \b
+    Example:
+      flexmoe extract runs/merged --expert code --out runs/code-again
+    """
+    res = api.extract(merged, name, out, MergeConfig(overwrite=overwrite, progress=not quiet))
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+    else:
+        click.echo(f"wrote expert package {res.out} ({res.name}, {res.num_layers} layers, {res.total_bytes / 1e6:.1f} MB)")
+
+
+@main.command()
+@click.argument("path", type=_path)
+@click.option("--verify", is_flag=True, help="Recompute the anchor fingerprint from the tensors.")
+@_json_flag
+def inspect(path, verify, as_json):
+    """Show a merged checkpoint, anchor or expert package: experts, sizes, fingerprint, top-k, shards.
+
+    \b
+    Example:
+      flexmoe inspect runs/merged
+      flexmoe inspect runs/merged --json --verify
+    """
+    res = api.inspect(path, verify=verify)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+        return
+    click.echo(f"{res.kind} {res.path}: {res.num_layers} layers, hidden {res.hidden_size}, FFN {res.intermediate_size}, "
+               f"{res.dtype}, {res.total_bytes / 1e6:.1f} MB")
+    fp = {None: "", True: " (verified)", False: " (MISMATCH: tensors do not match)"}[res.fingerprint_verified]
+    click.echo(f"anchor fingerprint: {res.anchor_fingerprint}{fp}")
+    if res.num_experts is not None:
+        click.echo(f"experts: {res.num_experts}, top-k: {res.top_k}")
+    for e in res.experts:
+        bias = "" if e.mean_bias is None else f"  mean min(b,0) {e.mean_bias:+.3f}"
+        click.echo(f"  [{e.index}] {e.name:<20} {e.bytes / 1e6:9.1f} MB  router {e.router_source}{bias}")
+    for s in res.shards:
+        click.echo(f"  {s.name}  {s.bytes / 1e6:.1f} MB  {s.tensors} tensors")

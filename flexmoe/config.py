@@ -135,6 +135,266 @@ def from_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None
 
 # ---- configs of the training verbs (train_anchor, init_anchor, embed_domain, train_expert) ----
 
+
+class Device(str, enum.Enum):
+    AUTO = "auto"  # CUDA if available, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class RouterSource(str, enum.Enum):
+    """Where the owner's initial router row r_i comes from (FLEXOLMO.md §2 and its ablations, §6)."""
+
+    EMBEDDING = "embedding"  # mean sentence embedding of the owner's documents (the method)
+    ROW_FILE = "row-file"  # a row made beforehand with `flexmoe embed-domain`
+    RANDOM = "random"  # seeded Gaussian row with the norm of r_pub (ablation)
+    HIDDEN_MEAN = "hidden-mean"  # the anchor's own mean final residual stream on owner data, norm of r_pub (ablation)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation settings shared by anchor and expert training. Defaults are FlexOlmo's expert recipe.
+
+    `batch_size` is per process and per micro-step; one optimizer step sees
+    batch_size * grad_accum * num_processes sequences of `seq_len` tokens.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int | None = None  # None: the model's max_position_embeddings, at most 2048
+    lr: float = 9e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0  # applied to matrices only, never to norms, router rows or biases
+    warmup_steps: int | None = None  # None: max_steps // 20, at most 2000
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    lm_z_loss: float = 1e-5  # coefficient of mean(logsumexp(lm_logits)^2)
+    router_z_loss: float = 1e-3  # coefficient of the layer mean of mean(logsumexp(router_logits)^2)
+    bf16: bool = False  # bf16 autocast through accelerate (parameters and optimizer stay fp32)
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 0  # optimizer steps between resume checkpoints; 0: none
+    log_every: int = 10
+    seed: int = 0  # data order
+    device: Device = Device.AUTO
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ConfigError("checkpoint_every must be >= 0 and log_every >= 1")
+
+
+@dataclasses.dataclass
+class AnchorConfig:
+    """Shape of a dense OLMo-2 anchor (literal numbers, see `flexmoe.presets`) and how to train it."""
+
+    name: str
+    vocab_size: int  # model vocabulary; raised to the tokenizer's size (rounded up to 128) if that is larger
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-6
+    dtype: str = "float32"  # dtype of the saved weights: float32 | bfloat16
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+@dataclasses.dataclass
+class TrainAnchorConfig:
+    """`flexmoe train-anchor`: a preset plus the flags that override its training settings."""
+
+    data: list[Path]
+    embedder: Path | None = None  # the router embedder, or:
+    public_row: Path | None = None  # a row file of the public data from `embed-domain` (same embedder)
+    preset: str = "tiny"
+    tokenizer: Path | None = None  # None: train a byte-level BPE of the preset's vocab size on `data`
+    num_docs: int = 1000  # public documents embedded for r_pub
+    seed: int = 0  # model init, r_pub sampling, projection, data order
+    max_steps: int | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    bf16: bool | None = None
+    checkpoint_every: int | None = None
+    device: Device = Device.AUTO
+
+
+@dataclasses.dataclass
+class InitAnchorConfig:
+    """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor."""
+
+    model: Path
+    public_data: list[Path]
+    embedder: Path | None = None  # the router embedder, or:
+    public_row: Path | None = None  # a row file of the public data from `embed-domain` (same embedder)
+    tokenizer: Path | None = None  # None: the tokenizer files of `model`
+    num_docs: int = 1000
+    seed: int = 0
+    device: Device = Device.AUTO
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """`flexmoe embed-domain`: mean sentence embedding of a sample of documents (a router-row file)."""
+
+    data: list[Path]
+    embedder: Path
+    num_docs: int = 1000
+    seed: int = 0
+    batch_size: int = 32
+    max_chunks_per_doc: int = 8  # chunks of the embedder's max length, spread evenly over a long document
+    device: Device = Device.AUTO
+
+
+@dataclasses.dataclass
+class RouterInit:
+    """How the owner's router row r_i is initialised."""
+
+    source: RouterSource = RouterSource.EMBEDDING
+    row_file: Path | None = None  # for source row-file
+    num_docs: int = 1000  # documents embedded (embedding) or sequences averaged (hidden-mean)
+    seed: int = 0  # document sample (embedding) or the Gaussian draw (random)
+
+
+class ExpertMode(str, enum.Enum):
+    FLEXOLMO = "flexolmo"  # the method: shared layers, public FFN and r_pub frozen
+    DENSE = "dense"  # "no coordination" baseline (FLEXOLMO.md §6): fine-tune the whole dense anchor, keep its FFN
+
+
+@dataclasses.dataclass
+class ExpertSpec:
+    """One data owner's expert: the schema of `experts/*.yaml` and of `flexmoe train-expert` flags.
+
+    Relative paths are taken from the working directory (the repository root for the recipes).
+    """
+
+    name: str = ""
+    data: list[Path] = dataclasses.field(default_factory=list)
+    anchor: Path | None = None
+    embedder: Path | None = None  # needed for router.source = embedding
+    router: RouterInit = dataclasses.field(default_factory=RouterInit)
+    train_top_k: int = 2  # 2: soft mix of public and owner FFN (the paper's scripts); 1: argmax (released code)
+    mode: ExpertMode = ExpertMode.FLEXOLMO
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train_top_k not in (1, 2):
+            raise ConfigError(f"train_top_k must be 1 or 2, got {self.train_top_k}")
+
+
+def set_dotted(data: dict, key: str, value: Any) -> dict:
+    """Copy of `data` with `a.b.c` set to an already-typed value (CLI flags over a YAML spec)."""
+    out = dict(data)
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node[p] = dict(node.get(p) or {})
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def load_expert_spec(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                     dotted: list[str] | None = None) -> ExpertSpec:
+    """An `ExpertSpec` from an optional YAML file, then `["train.lr=1e-3", ...]` (`dotted`, values parsed as YAML),
+    then typed `{"train.lr": 1e-3, ...}` overrides (None values skipped)."""
+    data = apply_overrides(load_yaml(path) if path is not None else {}, dotted or [])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data = set_dotted(data, key, value)
+    return from_dict(ExpertSpec, data, where=str(path) if path else "train-expert")
+
 # ---- configs of the checkpoint verbs (merge, add, remove, extract) ----
 
+@dataclasses.dataclass
+class MergeConfig:
+    """Options of merge, add, remove and extract (extract uses only `overwrite` and `progress`).
+
+    Args:
+        top_k: experts active per token. None: min(4, E) on merge (the paper's plateau), kept on add, and
+            min(k, E-1) on remove; an explicit value is remembered and clamped to E as experts come and go.
+        shard_size: largest output shard, e.g. "5GB", "500MB" (a larger tensor gets a shard of its own).
+        overwrite: replace an existing output folder (atomically; this is how `--in-place` works).
+        verify_fingerprint: recompute the anchor fingerprint from the tensors instead of trusting the metadata
+            (reads every shared tensor once more).
+        progress: show a progress bar on a terminal.
+    """
+
+    top_k: int | None = None
+    shard_size: str = "5GB"
+    overwrite: bool = False
+    verify_fingerprint: bool = False
+    progress: bool = True
+
+
 # ---- configs of the evaluation verbs ----
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What `flexmoe eval` / `api.evaluate` measures and where it writes.
+
+    `data` maps a domain name to its held-out text (.jsonl with a `text` field, .txt, or a directory of them).
+    `top_k`: None keeps the checkpoint's k, 0 routes to all experts. `bias=False` loads a merged checkpoint with
+    stock transformers (no expert bias). `ensemble` lists further model directories mixed with `model`
+    BTM-style (flexmoe/eval/ensemble.py); `ensemble_top_k` / `ensemble_priors` tune that mixture.
+    """
+
+    model: Path | None = None
+    data: dict[str, str] = dataclasses.field(default_factory=dict)
+    seq_len: int | None = None  # predictions per window; None: the model's context, at most 2048
+    batch_size: int = 8
+    max_bytes: int | None = None
+    device: str = "auto"
+    bf16: bool = False
+    bias: bool = True
+    top_k: int | None = None
+    experts_implementation: str | None = None  # transformers' experts kernel: eager, batched_mm, grouped_mm
+    routing: bool = True
+    ensemble: list[Path] = dataclasses.field(default_factory=list)
+    ensemble_top_k: int | None = None
+    ensemble_priors: list[float] | None = None
+    json_out: Path | None = None
+    plots: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> "EvalConfig":
+        if not self.data:
+            raise ConfigError("no evaluation data: give at least one --data DOMAIN=PATH")
+        for name in self.data:
+            if not str(name).strip():
+                raise ConfigError("an evaluation domain has an empty name: use --data DOMAIN=PATH")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ConfigError(f"max_bytes must be at least 1, got {self.max_bytes}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"top_k must be 0 (all experts) or positive, got {self.top_k}")
+        if self.experts_implementation not in (None, "eager", "batched_mm", "grouped_mm"):
+            raise ConfigError(f"experts_implementation {self.experts_implementation!r} is not one of "
+                              "eager, batched_mm, grouped_mm")
+        return self
+
+
+def parse_domain_paths(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`["code=data/code/eval.jsonl", ...]` -> {"code": "data/code/eval.jsonl"}; malformed or repeated -> ConfigError."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"bad --data {item!r}: use DOMAIN=PATH, e.g. code=data/code/eval.jsonl")
+        if name.strip() in out:
+            raise ConfigError(f"domain {name.strip()!r} is given twice in --data")
+        out[name.strip()] = path.strip()
+    return out

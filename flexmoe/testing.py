@@ -69,3 +69,196 @@ def build_random_embedder(out_dir: str | Path, *, dim: int = 32, seed: int = 0, 
 
     shutil.rmtree(work)
     return out
+
+
+def save_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
+    """Save a word-level `PreTrainedTokenizerFast` (printable characters + filler words) of `vocab_size` ids.
+
+    Ids 0 and 1 are `<eos>` and `<pad>`, matching `tiny_olmo2_config`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<pad>", "<unk>"] + [chr(c) for c in range(33, 127)]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def build_random_anchor(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        tokenizer: bool = True, **config_kwargs) -> Path:
+    """A complete flexmoe anchor (random dense OLMo-2 + `flexmoe_anchor.json` + `flexmoe_router.safetensors`).
+
+    Built without any training code: the fingerprint is computed from the saved tensors and r_pub is random.
+    """
+    from flexmoe.io.anchor import AnchorMeta, write_anchor_files
+    from flexmoe.io.fingerprint import anchor_fingerprint
+
+    out = save_random_olmo2(out_dir, seed=seed, dtype=dtype, **config_kwargs)
+    cfg = tiny_olmo2_config(**config_kwargs)
+    if tokenizer:
+        save_tiny_tokenizer(out, vocab_size=cfg.vocab_size)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    meta = AnchorMeta(fingerprint=anchor_fingerprint(out), hidden_size=cfg.hidden_size,
+                      num_layers=cfg.num_hidden_layers, intermediate_size=cfg.intermediate_size,
+                      dtype=str(dtype).removeprefix("torch."), embedder=None,
+                      public_data={"documents": 0, "bytes": 0})
+    write_anchor_files(out, meta, torch.randn(cfg.hidden_size, generator=g), None)
+    return out
+
+
+def build_random_package(out_dir: str | Path, anchor: str | Path, name: str, seed: int, *,
+                         fingerprint: str | None = None, bias: float | list[float] | None = None,
+                         ffn_std: float = 0.02, row_std: float = 1.0) -> Path:
+    """A random expert package for `anchor`: FFN of the anchor's shapes and dtype, row in the anchor dtype,
+    float32 bias per layer (uniform in [-1, 0.5] unless given, so both clamped and active signs occur).
+
+    `fingerprint` overrides the card's anchor fingerprint (to build packages that must be refused).
+    """
+    from flexmoe.io.anchor import read_anchor
+    from flexmoe.io.package import ExpertCard, write_package
+    from flexmoe.io.reader import LazyReader
+    from flexmoe.io.safetensors_format import DTYPE_TO_TORCH
+    from flexmoe.model.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
+
+    a = read_anchor(anchor)
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    with LazyReader.from_dir(anchor) as reader:
+        for layer in range(a.meta.num_layers):
+            for proj in FFN_PROJS:
+                spec = reader.spec(dense_ffn_key(layer, proj))
+                w = torch.randn(spec.shape, generator=g) * ffn_std
+                tensors[dense_ffn_key(layer, proj)] = w.to(DTYPE_TO_TORCH[spec.dtype])
+            dtype = DTYPE_TO_TORCH[reader.spec(dense_ffn_key(layer, "gate_proj")).dtype]
+            tensors[package_row_key(layer)] = (torch.randn(a.meta.hidden_size, generator=g) * row_std).to(dtype)
+            if bias is None:
+                b = float(torch.rand((), generator=g)) * 1.5 - 1.0
+            else:
+                b = bias[layer] if isinstance(bias, (list, tuple)) else bias
+            tensors[package_bias_key(layer)] = torch.tensor(b, dtype=torch.float32)
+    card = ExpertCard(name=name, anchor_fingerprint=fingerprint or a.meta.fingerprint, router_source="random",
+                      data={"documents": 10 + seed, "bytes": 1000 * (seed + 1)}, steps=seed, final_loss=1.0 + seed,
+                      flexmoe_version="test")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_package(out, tensors, card)
+    return out
+
+
+def _olmo2_tensor_specs(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
+                        kv_dim: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a dense `Olmo2ForCausalLM` state dict (untied LM head)."""
+    out = [("model.embed_tokens.weight", (vocab_size, hidden_size))]
+    for L in range(num_layers):
+        p = f"model.layers.{L}."
+        out += [(p + "self_attn.q_proj.weight", (hidden_size, hidden_size)),
+                (p + "self_attn.k_proj.weight", (kv_dim, hidden_size)),
+                (p + "self_attn.v_proj.weight", (kv_dim, hidden_size)),
+                (p + "self_attn.o_proj.weight", (hidden_size, hidden_size)),
+                (p + "self_attn.q_norm.weight", (hidden_size,)), (p + "self_attn.k_norm.weight", (kv_dim,)),
+                (p + "post_attention_layernorm.weight", (hidden_size,)),
+                (p + "post_feedforward_layernorm.weight", (hidden_size,)),
+                (p + "mlp.gate_proj.weight", (intermediate_size, hidden_size)),
+                (p + "mlp.up_proj.weight", (intermediate_size, hidden_size)),
+                (p + "mlp.down_proj.weight", (hidden_size, intermediate_size))]
+    return out + [("model.norm.weight", (hidden_size,)), ("lm_head.weight", (vocab_size, hidden_size))]
+
+
+class _RandomPool:
+    """Random values reused at shifting offsets: builds GBs of distinct-looking tensors at memcpy speed."""
+
+    def __init__(self, dtype: torch.dtype, seed: int, numel: int = 2**23):
+        g = torch.Generator().manual_seed(seed)
+        self.pool = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+        self.offset = 0
+
+    def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        flat = torch.empty(n, dtype=self.pool.dtype)
+        pos = 0
+        while pos < n:
+            start = self.offset % (self.pool.numel() - 1)
+            take = min(n - pos, self.pool.numel() - start)
+            flat[pos:pos + take] = self.pool[start:start + take]
+            pos += take
+            self.offset += 7919  # a prime stride, so consecutive tensors differ
+        return flat.reshape(shape)
+
+
+def build_synthetic_anchor(out_dir: str | Path, *, vocab_size: int = 100352, hidden_size: int = 2048,
+                           intermediate_size: int = 8192, num_layers: int = 16, num_heads: int = 16,
+                           dtype: torch.dtype = torch.bfloat16, shard_size: str | int = "5GB", seed: int = 0) -> Path:
+    """A full-size flexmoe anchor in the real on-disk layout, filled with random values (defaults: 1B class, bf16).
+
+    Written tensor by tensor through `ShardWriter` (peak memory: one tensor), for benchmarks and kill tests.
+    """
+    import json
+
+    from flexmoe.io.anchor import AnchorMeta, write_anchor_files
+    from flexmoe.io.fingerprint import anchor_fingerprint
+    from flexmoe.io.safetensors_format import TensorSpec, TORCH_TO_DTYPE
+    from flexmoe.io.writer import ShardWriter, parse_size
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = _olmo2_tensor_specs(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                num_layers=num_layers, kv_dim=hidden_size)
+    pool = _RandomPool(dtype, seed)
+    with ShardWriter(out, [TensorSpec(n, TORCH_TO_DTYPE[dtype], s) for n, s in specs],
+                     max_shard_bytes=parse_size(shard_size)) as w:
+        for name, shape in specs:
+            w.write(name, pool.tensor(shape))
+        w.finalize()
+    cfg = tiny_olmo2_config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                            num_layers=num_layers, num_heads=num_heads).to_dict()
+    cfg.update(architectures=["Olmo2ForCausalLM"], dtype=str(dtype).removeprefix("torch."))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "pad_token_id": 1}) + "\n")
+    meta = AnchorMeta(fingerprint=anchor_fingerprint(out), hidden_size=hidden_size, num_layers=num_layers,
+                      intermediate_size=intermediate_size, dtype=str(dtype).removeprefix("torch."), embedder=None)
+    write_anchor_files(out, meta, torch.randn(hidden_size, generator=torch.Generator().manual_seed(seed)), None)
+    return out
+
+
+def build_synthetic_package(out_dir: str | Path, anchor: str | Path, name: str, seed: int) -> Path:
+    """A random expert package for a (large) anchor, streamed tensor by tensor like `build_synthetic_anchor`."""
+    import json
+
+    from flexmoe.io.anchor import read_anchor
+    from flexmoe.io.package import PACKAGE_CARD, ExpertCard, package_keys
+    from flexmoe.io.reader import LazyReader
+    from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
+    from flexmoe.io.writer import ShardWriter
+    from flexmoe.model.keys import parse_dense_ffn
+
+    a = read_anchor(anchor)
+    with LazyReader.from_dir(anchor) as r:
+        dtype = DTYPE_TO_TORCH[r.spec("model.layers.0.mlp.gate_proj.weight").dtype]
+        shapes = {k: r.spec(k).shape for k in r.keys() if parse_dense_ffn(k)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pool, g = _RandomPool(dtype, 1000 + seed), torch.Generator().manual_seed(seed)
+    keys = package_keys(a.meta.num_layers)
+    tensors = {}
+    for k in keys:
+        if k in shapes:
+            tensors[k] = None
+        elif k.endswith("router.weight"):
+            tensors[k] = torch.randn(a.meta.hidden_size, generator=g).to(dtype)
+        else:
+            tensors[k] = torch.tensor(float(torch.rand((), generator=g)) - 0.75, dtype=torch.float32)
+    specs = [TensorSpec(k, TensorSpec.of(k, pool.pool[:1]).dtype, shapes[k]) if tensors[k] is None
+             else TensorSpec.of(k, tensors[k]) for k in keys]
+    with ShardWriter(out, specs, prefix="expert", max_shard_bytes=2**62) as w:
+        for k in keys:
+            w.write(k, pool.tensor(shapes[k]) if tensors[k] is None else tensors[k])
+        w.finalize()
+    card = ExpertCard(name=name, anchor_fingerprint=a.meta.fingerprint, router_source="random", flexmoe_version="synthetic")
+    (out / PACKAGE_CARD).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+    return out

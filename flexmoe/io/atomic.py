@@ -28,12 +28,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_siblings(target: Path, tag: str) -> list[Path]:
+    prefix = f".{target.name}{tag}"
+    out = []
+    for p in target.parent.iterdir() if target.parent.is_dir() else ():
+        pid = p.name[len(prefix):]
+        if p.name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            out.append(p)
+    return out
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def _remove_stale_siblings(target: Path) -> None:
-    for tag in (_TMP_TAG, _OLD_TAG):
-        for p in target.parent.glob(f".{target.name}{tag}*"):
-            pid = p.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in _stale_siblings(target, _TMP_TAG):
+        _remove(p)
+    for p in _stale_siblings(target, _OLD_TAG):
+        # A run killed between its two renames left the previous target only here: put it back, never delete it.
+        if not target.exists() and not target.is_symlink():
+            os.rename(p, target)
+        else:
+            _remove(p)
 
 
 def _fsync_path(path: Path) -> None:
@@ -59,9 +76,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     With `overwrite`, an existing `out` (which may also be one of the inputs, as in `--in-place`) is swapped
     out only after the new one is complete.
     """
+    out = Path(out)
+    _remove_stale_siblings(out)  # first: it may restore a previous output that check_output must then see
     out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(out)
     tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -74,8 +92,12 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         if out.exists():
             old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
             os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            _remove(old)
         else:
             os.rename(tmp, out)
         _fsync_path(out.parent)

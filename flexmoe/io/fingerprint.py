@@ -14,14 +14,14 @@ from flexmoe.io.reader import LazyReader
 from flexmoe.model.keys import anchor_view_key
 
 
-
 def _hash_reader(reader: LazyReader, names: dict[str, str]) -> str:
     h = hashlib.sha256()
     for anchor_name in sorted(names):
         key = names[anchor_name]
         spec = reader.spec(key)
         h.update(f"{anchor_name}\0{spec.dtype}\0{list(spec.shape)}\0".encode())
-        h.update(reader.read_bytes(key))
+        for chunk in reader.read_chunks(key):
+            h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 

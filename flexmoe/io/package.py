@@ -104,7 +104,7 @@ def read_package(path: str | Path) -> ExpertPackage:
         if data.get("format") != FORMAT:
             raise CheckpointError(f"{card_file}: unknown format {data.get('format')!r} (expected {FORMAT})")
         card = ExpertCard.from_json(data)
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{card_file}: corrupt expert card ({e})") from e
     reader = LazyReader.from_file(path / PACKAGE_TENSORS)
     num_layers = len([k for k in reader.keys() if k.endswith(".mlp.router.bias")])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -24,9 +25,11 @@ def model_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: corrupt index (no weight_map)") from e
-        files = sorted(set(weight_map.values()))
+        if not all(isinstance(f, str) and f and Path(f).name == f for f in files):
+            raise CheckpointError(f"{index}: corrupt index (shard names must be plain file names)")
         missing = [f for f in files if not (model_dir / f).is_file()]
         if missing:
             raise CheckpointError(f"{model_dir}: shard {missing[0]} named in {INDEX_NAME} is missing")
@@ -96,12 +99,35 @@ class LazyReader:
             raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
         return data
 
+    def read_chunks(self, key: str, chunk_bytes: int = 64 * 2**20) -> Iterator[bytes]:
+        """The raw bytes of `key` in pieces of at most `chunk_bytes`, so hashing a large tensor stays bounded."""
+        loc = self._location(key)
+        remaining, offset = loc.spec.nbytes, loc.offset
+        while remaining:
+            f = self._handle(loc.path)
+            f.seek(offset)
+            data = f.read(min(remaining, chunk_bytes))
+            if not data:
+                raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
+            remaining -= len(data)
+            offset += len(data)
+            yield data
+
     def get(self, key: str) -> torch.Tensor:
         """A fresh CPU tensor (owns its memory; safe to modify)."""
-        spec = self.spec(key)
-        data = bytearray(self.read_bytes(key))
-        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return flat.view(DTYPE_TO_TORCH[spec.dtype]).reshape(spec.shape)
+        loc = self._location(key)
+        flat = torch.empty(loc.spec.nbytes, dtype=torch.uint8)
+        if loc.spec.nbytes:
+            # readinto the tensor's own buffer: one copy of the data in memory, not two (bytes + bytearray).
+            f = self._handle(loc.path)
+            f.seek(loc.offset)
+            view, done = memoryview(flat.numpy()), 0
+            while done < loc.spec.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
+                done += n
+        return flat.view(DTYPE_TO_TORCH[loc.spec.dtype]).reshape(loc.spec.shape)
 
     def copy_to(self, key: str, dst_fd: int) -> None:
         """Append the raw bytes of `key` to the file `dst_fd` at its current position, in-kernel when possible."""

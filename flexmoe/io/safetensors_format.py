@@ -63,6 +63,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]]:
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors header")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -75,9 +77,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]]:
         try:
             spec = TensorSpec(name, info["dtype"], tuple(int(s) for s in info["shape"]))
             begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}") from e
-        if spec.dtype not in DTYPE_TO_TORCH or end - begin != spec.nbytes or begin < 0:
+        if (spec.dtype not in DTYPE_TO_TORCH or begin < 0 or any(d < 0 for d in spec.shape)
+                or end - begin != spec.nbytes):
             raise CheckpointError(f"{path}: corrupt safetensors header entry {name!r}")
         end_max = max(end_max, end)
         out[name] = TensorLocation(spec, path, base + begin)

@@ -1,0 +1,52 @@
+"""The FlexOlmo expert bias as a small subclass of transformers' `FlexOlmoTopKRouter`.
+
+Stock transformers' router has no bias slot, and the bias cannot be folded into the router weight because the
+router reads the un-normalised residual stream. So merged checkpoints keep the biases in a sidecar file that stock
+`from_pretrained` never reads, and `flexmoe.model.load.load_model` swaps each router for this class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+
+
+class BiasedTopKRouter(FlexOlmoTopKRouter):
+    """Identical to `FlexOlmoTopKRouter` except: `logits[:, e] += min(expert_bias[e], 0)` before the softmax.
+
+    The clamp keeps the bias a pure penalty (FlexOlmo §3: an expert may only be pushed away from tokens far
+    from its domain). With all biases >= 0 it computes exactly what the stock router computes.
+    Returns the same triple as the parent: (router_logits (T, E) biased, router_scores (T, k), router_indices (T, k)).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.expert_bias = nn.Parameter(torch.zeros(self.num_experts))  # (E,) raw b; applied as min(b, 0)
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        router_logits = router_logits + self.expert_bias.clamp(max=0).to(router_logits.dtype)
+        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # over all E experts
+        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k)
+        if self.norm_topk_prob:
+            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        return router_logits, router_top_value.to(router_logits.dtype), router_indices
+
+    @classmethod
+    def replacing(cls, router: FlexOlmoTopKRouter, config, bias: torch.Tensor | None = None) -> "BiasedTopKRouter":
+        """A biased router sharing `router.weight` (the same Parameter object) and its top-k settings.
+
+        Args:
+            bias: (E,) raw biases; None means zeros (then it routes exactly like `router`).
+        """
+        new = cls(config)
+        new.weight = router.weight
+        new.top_k, new.norm_topk_prob = router.top_k, router.norm_topk_prob
+        b = torch.zeros(new.num_experts) if bias is None else bias.detach().float().reshape(-1)
+        if b.shape != (new.num_experts,):
+            raise ValueError(f"expert_bias must have shape ({new.num_experts},), got {tuple(b.shape)}")
+        new.expert_bias = nn.Parameter(b.to(router.weight.device).clone())
+        return new

@@ -1,0 +1,501 @@
+"""Checkpoint surgery: merge, add, remove, extract and inspect, as key-level streaming ops on safetensors.
+
+Every verb first plans its output: a list of tensors (name, dtype, shape, source). The plan is sorted in one
+canonical order that depends only on the output names, then streamed through a `ShardWriter`. Shared and FFN
+tensors are copied as raw bytes in the kernel; only the router (E, hidden) and the biases (E,) of one layer are
+ever built in memory. Because the order and the shard plan depend only on the output tensors, remove(merge(A,B,C),
+C) and merge(A,B) write byte-identical files, not just equal tensors. All validation happens before the
+temporary output folder is created, so bad input leaves nothing behind.
+
+No torch.nn, no transformers, no training code: this module runs where only the I/O layer is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from flexmoe.config import MergeConfig
+from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
+from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER, AnchorMeta, EmbedderIdentity, read_anchor
+from flexmoe.io.atomic import atomic_dir, check_output
+from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
+from flexmoe.io.merged import BIAS_FILE  # noqa: F401  (re-exported: the sidecar's name)
+from flexmoe.io.merged import (DEFAULT_TOP_K, MERGED_META, NO_SHARD_LIMIT, Merged, dump_json, flex_olmo_config,
+                               merged_meta, read_json, read_merged, write_merged_files)
+from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, ExpertPackage, package_keys,
+                                read_package, validate_expert_name)
+from flexmoe.io.reader import LazyReader, model_files
+from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
+from flexmoe.io.writer import ShardWriter, parse_size
+from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
+                                parse_dense_ffn, parse_expert_key, parse_router_key, router_key)
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass
+class CheckpointResult:
+    """What merge / add / remove wrote."""
+
+    out: Path
+    experts: list[str]  # router order; "public" first
+    top_k: int
+    top_k_before: int | None  # add/remove: the input's top-k
+    shards: list[str]
+    total_bytes: int
+    anchor_fingerprint: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "out": str(self.out)}
+
+
+@dataclass
+class ExtractResult:
+    out: Path
+    name: str
+    num_layers: int
+    total_bytes: int
+    anchor_fingerprint: str
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "out": str(self.out)}
+
+
+@dataclass
+class ExpertInfo:
+    index: int
+    name: str
+    bytes: int  # FFN bytes of this expert
+    router_source: str | None
+    mean_bias: float | None  # mean over layers of min(b, 0), the bias as applied
+    card: dict | None
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    bytes: int
+    tensors: int
+
+
+@dataclass
+class InspectResult:
+    kind: str  # "merged" | "anchor" | "package"
+    path: Path
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: str
+    anchor_fingerprint: str | None
+    num_experts: int | None
+    top_k: int | None
+    experts: list[ExpertInfo]
+    shards: list[ShardInfo]
+    total_bytes: int
+    fingerprint_verified: bool | None = None  # None: not checked (pass verify=True)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+
+# ---------------------------------------------------------------- streaming core
+
+@dataclass
+class _Item:
+    """One output tensor and how to produce it."""
+
+    spec: TensorSpec
+    emit: Callable[[ShardWriter], None]
+
+
+def _natural(name: str) -> tuple:
+    # "layers.10" after "layers.9"; ints and strings never compared with each other.
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def _copy(name: str, reader: LazyReader, key: str) -> _Item:
+    spec = reader.spec(key)
+    return _Item(TensorSpec(name, spec.dtype, spec.shape), lambda w: w.copy_from(name, reader, key))
+
+
+def _built(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], torch.Tensor]) -> _Item:
+    return _Item(TensorSpec(name, dtype, shape), lambda w: w.write(name, make()))
+
+
+def _stream(out_dir: Path, items: list[_Item], *, max_shard_bytes: int, prefix: str, progress: bool,
+            desc: str) -> list[str]:
+    """Write `items` in canonical order through one ShardWriter; returns the shard file names."""
+    items = sorted(items, key=lambda it: _natural(it.spec.name))
+    total = sum(it.spec.nbytes for it in items)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
+    try:
+        with ShardWriter(out_dir, [it.spec for it in items], max_shard_bytes=max_shard_bytes, prefix=prefix) as w:
+            for it in items:
+                it.emit(w)
+                bar.update(it.spec.nbytes)
+            return w.finalize()
+    finally:
+        bar.close()
+
+
+@contextmanager
+def _output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """`atomic_dir`, with OS failures (disk full, permissions) as one-line `CheckpointError`s."""
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            yield tmp
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from e
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
+    for p in inputs:
+        if _same_path(out, p):
+            raise ConfigError(f"--out {out} is one of the inputs; choose another folder")
+
+
+def _resolve_top_k(requested: int | None, num_experts: int) -> int:
+    """Effective top-k: `requested` (or DEFAULT_TOP_K) clamped to the number of experts present."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {requested}")
+    return min(requested or DEFAULT_TOP_K, num_experts)
+
+
+# ---------------------------------------------------------------- package checks
+
+def _check_package(pkg: ExpertPackage, *, fingerprint: str, embedder: EmbedderIdentity | None, num_layers: int,
+                   hidden: int, ffn_spec: Callable[[int, str], TensorSpec]) -> None:
+    """Refuse a package of another anchor, router space or shape, naming the expert and the tensor."""
+    name = pkg.card.name
+    if pkg.card.anchor_fingerprint != fingerprint:
+        raise FingerprintMismatch(f"expert {name!r} ({pkg.path}) was trained on anchor {pkg.card.anchor_fingerprint[:23]}..., "
+                                  f"not this one ({fingerprint[:23]}...); retrain it against this anchor")
+    theirs = pkg.card.embedder if isinstance(pkg.card.embedder, dict) else None
+    if embedder is not None and theirs and theirs.get("sha256") not in (None, embedder.sha256):
+        # Router rows made by another embedder live in another space: the merged router would be meaningless.
+        raise CheckpointError(f"expert {name!r}: router row made with embedder {theirs.get('name')!r} "
+                              f"({str(theirs.get('sha256'))[:12]}), the anchor uses {embedder.name!r} "
+                              f"({embedder.sha256[:12]}); re-embed its domain with the anchor's embedder")
+    if pkg.num_layers != num_layers:
+        raise CheckpointError(f"expert {name!r}: has {pkg.num_layers} layers, the anchor has {num_layers}")
+    for layer in range(num_layers):
+        for proj in FFN_PROJS:
+            key = dense_ffn_key(layer, proj)
+            got, want = pkg.reader.spec(key), ffn_spec(layer, proj)
+            if (got.dtype, got.shape) != (want.dtype, want.shape):
+                raise CheckpointError(f"expert {name!r}: tensor {key} is {got.dtype}{list(got.shape)}, the anchor's is "
+                                      f"{want.dtype}{list(want.shape)} (hidden size, FFN size or dtype differ)")
+        row = pkg.reader.spec(package_row_key(layer))
+        if row.shape != (hidden,):
+            raise CheckpointError(f"expert {name!r}: tensor {package_row_key(layer)} has shape {list(row.shape)}, "
+                                  f"expected [{hidden}] (hidden size differs)")
+        if pkg.reader.spec(package_bias_key(layer)).shape not in ((), (1,)):
+            raise CheckpointError(f"expert {name!r}: tensor {package_bias_key(layer)} must be a scalar")
+
+
+def _merged_embedder(merged_dir: Path) -> EmbedderIdentity | None:
+    """The anchor's embedder, from the copy of flexmoe_anchor.json a merged folder carries (None if absent)."""
+    try:
+        return AnchorMeta.from_json(read_json(merged_dir / ANCHOR_META, "flexmoe merged checkpoint")).embedder
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _package_biases(pkg: ExpertPackage, num_layers: int) -> torch.Tensor:
+    return torch.stack([pkg.reader.get(package_bias_key(layer)).float().reshape(()) for layer in range(num_layers)])
+
+
+def _raw_card(pkg: ExpertPackage) -> dict:
+    # Kept verbatim (unknown keys included) so `extract` writes back the owner's exact card.
+    return json.loads((pkg.path / PACKAGE_CARD).read_text())
+
+
+def _open_packages(stack: ExitStack, dirs: list[Path], taken: list[str]) -> list[ExpertPackage]:
+    pkgs, names = [], list(taken)
+    for d in dirs:
+        pkg = read_package(d)
+        stack.callback(pkg.close)
+        validate_expert_name(pkg.card.name)
+        if pkg.card.name in names:
+            raise ConfigError(f"duplicate expert name {pkg.card.name!r} ({d}); every expert needs its own name")
+        names.append(pkg.card.name)
+        pkgs.append(pkg)
+    return pkgs
+
+
+# ---------------------------------------------------------------- verbs
+
+def merge(anchor_dir: str | Path, expert_dirs: list[str | Path], out: str | Path,
+          config: MergeConfig | None = None) -> CheckpointResult:
+    """Anchor + expert packages -> one transformers `flex_olmo` checkpoint (docs/FORMAT.md)."""
+    cfg = config or MergeConfig()
+    t0 = time.perf_counter()
+    anchor_dir, expert_dirs = Path(anchor_dir), [Path(d) for d in expert_dirs]
+    _refuse_input_as_output(Path(out), [anchor_dir, *expert_dirs])
+    out = check_output(out, cfg.overwrite)
+    if not expert_dirs:
+        raise ConfigError("merge needs at least one --expert package")
+    max_shard = parse_size(cfg.shard_size)
+    anchor = read_anchor(anchor_dir)
+    acfg = read_json(anchor_dir / "config.json", "model directory")
+    if acfg.get("model_type") != "olmo2":
+        raise CheckpointError(f"{anchor_dir}: model_type {acfg.get('model_type')!r}; the anchor must be a dense 'olmo2' model")
+    num_layers, hidden = int(acfg["num_hidden_layers"]), int(acfg["hidden_size"])
+    fingerprint = anchor.meta.fingerprint
+    with ExitStack() as stack:
+        areader = stack.enter_context(LazyReader.from_dir(anchor_dir))
+        ffn = {(layer, p): areader.spec(dense_ffn_key(layer, p)) for layer in range(num_layers) for p in FFN_PROJS}
+        dtype = ffn[(0, "gate_proj")].dtype
+        if anchor.public_row.shape != (hidden,):
+            raise CheckpointError(f"{anchor_dir / ANCHOR_ROUTER}: public_row has shape {list(anchor.public_row.shape)}, "
+                                  f"expected [{hidden}]")
+        if cfg.verify_fingerprint and anchor_fingerprint(anchor_dir) != fingerprint:
+            raise FingerprintMismatch(f"{anchor_dir}: tensors do not match the fingerprint in {ANCHOR_META}; "
+                                      "the anchor was modified after it was created")
+        pkgs = _open_packages(stack, expert_dirs, [PUBLIC_NAME])
+        for pkg in pkgs:
+            _check_package(pkg, fingerprint=fingerprint, embedder=anchor.meta.embedder, num_layers=num_layers,
+                           hidden=hidden, ffn_spec=lambda layer, p: ffn[(layer, p)])
+        num_experts = len(pkgs) + 1
+        if cfg.top_k is not None and cfg.top_k > num_experts:
+            raise ConfigError(f"--top-k {cfg.top_k} is more than the {num_experts} experts of this merge")
+        top_k = _resolve_top_k(cfg.top_k, num_experts)
+
+        items = []
+        for key in areader.keys():
+            parsed = parse_dense_ffn(key)
+            items.append(_copy(expert_key(parsed[0], 0, parsed[1]) if parsed else key, areader, key))
+        for e, pkg in enumerate(pkgs, start=1):
+            for layer in range(num_layers):
+                for p in FFN_PROJS:
+                    items.append(_copy(expert_key(layer, e, p), pkg.reader, dense_ffn_key(layer, p)))
+
+        def router(layer: int) -> torch.Tensor:  # (E, hidden) in the anchor dtype
+            rows = [anchor.public_row] + [pkg.reader.get(package_row_key(layer)).reshape(-1) for pkg in pkgs]
+            return torch.stack([r.to(DTYPE_TO_TORCH[dtype]) for r in rows])
+
+        items += [_built(router_key(layer), dtype, (num_experts, hidden), lambda layer=layer: router(layer))
+                  for layer in range(num_layers)]
+        biases = torch.stack([torch.zeros(num_layers)] + [_package_biases(p, num_layers) for p in pkgs], dim=1)
+        meta = merged_meta(fingerprint, top_k, cfg.top_k,
+                            [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": _raw_card(p)} for p in pkgs])
+        fcfg = flex_olmo_config(acfg, num_experts, top_k)
+        with _output(out, cfg.overwrite) as tmp:
+            shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=cfg.progress, desc="merge")
+            write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases)
+    return CheckpointResult(out=out, experts=[e["name"] for e in meta["experts"]], top_k=top_k, top_k_before=None,
+                            shards=shards, total_bytes=sum(it.spec.nbytes for it in items),
+                            anchor_fingerprint=fingerprint, seconds=time.perf_counter() - t0)
+
+
+def _edit(m: Merged, out: Path, cfg: MergeConfig, *, items: list[_Item], experts: list[dict], biases: torch.Tensor,
+          top_k: int, desc: str, notes: list[str], t0: float) -> CheckpointResult:
+    """Shared tail of add/remove: write the planned tensors and the re-derived metadata files."""
+    requested = cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested")
+    meta = merged_meta(m.meta["anchor_fingerprint"], top_k, requested, experts)
+    fcfg = flex_olmo_config(m.config, len(experts), top_k)
+    with _output(out, cfg.overwrite) as tmp:
+        shards = _stream(tmp, items, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
+                         progress=cfg.progress, desc=desc)
+        write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases)
+        m.close()  # before the swap of an in-place edit
+    return CheckpointResult(out=out, experts=[e["name"] for e in experts], top_k=top_k,
+                            top_k_before=int(m.meta["top_k"]), shards=shards,
+                            total_bytes=sum(it.spec.nbytes for it in items),
+                            anchor_fingerprint=m.meta["anchor_fingerprint"], seconds=time.perf_counter() - t0,
+                            notes=notes)
+
+
+def _check_edit_output(merged_dir: Path, out: Path, cfg: MergeConfig, others: list[Path]) -> Path:
+    out = Path(out)
+    _refuse_input_as_output(out, others)
+    if _same_path(out, merged_dir) and not cfg.overwrite:
+        raise ConfigError(f"--out {out} is the input checkpoint; use --in-place to replace it atomically")
+    return check_output(out, cfg.overwrite)
+
+
+def add(merged_dir: str | Path, expert_dir: str | Path, out: str | Path,
+        config: MergeConfig | None = None) -> CheckpointResult:
+    """Append one expert package to a merged checkpoint (no anchor needed: its fingerprint is in flexmoe.json)."""
+    cfg, t0 = config or MergeConfig(), time.perf_counter()
+    merged_dir, expert_dir = Path(merged_dir), Path(expert_dir)
+    out = _check_edit_output(merged_dir, Path(out), cfg, [expert_dir])
+    parse_size(cfg.shard_size)
+    with ExitStack() as stack:
+        m = read_merged(merged_dir)
+        stack.callback(m.close)
+        (pkg,) = _open_packages(stack, [expert_dir], m.names)
+        _check_package(pkg, fingerprint=m.meta["anchor_fingerprint"], embedder=_merged_embedder(merged_dir),
+                       num_layers=m.num_layers, hidden=m.hidden_size, ffn_spec=m.ffn_spec)
+        if cfg.verify_fingerprint and merged_anchor_fingerprint(merged_dir) != m.meta["anchor_fingerprint"]:
+            raise FingerprintMismatch(f"{merged_dir}: shared tensors do not match the anchor fingerprint in {MERGED_META}")
+        e_new = m.num_experts
+        if cfg.top_k is not None and cfg.top_k > e_new + 1:
+            raise ConfigError(f"--top-k {cfg.top_k} is more than the {e_new + 1} experts after adding")
+        before = int(m.meta["top_k"])
+        top_k = _resolve_top_k(cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested"), e_new + 1)
+        items = [_copy(k, m.reader, k) for k in m.reader.keys() if parse_router_key(k) is None]
+        items += [_copy(expert_key(layer, e_new, p), pkg.reader, dense_ffn_key(layer, p))
+                  for layer in range(m.num_layers) for p in FFN_PROJS]
+
+        def router(layer: int) -> torch.Tensor:  # (E+1, hidden)
+            row = pkg.reader.get(package_row_key(layer)).reshape(1, -1).to(DTYPE_TO_TORCH[m.dtype])
+            return torch.cat([m.reader.get(router_key(layer)), row])
+
+        items += [_built(router_key(layer), m.dtype, (e_new + 1, m.hidden_size), lambda layer=layer: router(layer))
+                  for layer in range(m.num_layers)]
+        biases = torch.cat([m.biases, _package_biases(pkg, m.num_layers)[:, None]], dim=1)
+        experts = m.meta["experts"] + [{"name": pkg.card.name, "card": _raw_card(pkg)}]
+        notes = [] if top_k == before else [f"top-k {before} -> {top_k}"]
+        return _edit(m, out, cfg, items=items, experts=experts, biases=biases, top_k=top_k, desc="add", notes=notes,
+                     t0=t0)
+
+
+def remove(merged_dir: str | Path, name: str, out: str | Path, config: MergeConfig | None = None) -> CheckpointResult:
+    """Drop one owner's expert (FFN, router row, bias): the opt-out. top-k becomes min(k, E-1)."""
+    cfg, t0 = config or MergeConfig(), time.perf_counter()
+    merged_dir = Path(merged_dir)
+    out = _check_edit_output(merged_dir, Path(out), cfg, [])
+    parse_size(cfg.shard_size)
+    with ExitStack() as stack:
+        m = read_merged(merged_dir)
+        stack.callback(m.close)
+        j = m.index_of(name)
+        e_new = m.num_experts - 1
+        if cfg.top_k is not None and cfg.top_k > e_new:
+            raise ConfigError(f"--top-k {cfg.top_k} is more than the {e_new} experts left after removing {name!r}")
+        before = int(m.meta["top_k"])
+        top_k = _resolve_top_k(cfg.top_k, e_new) if cfg.top_k is not None else min(before, e_new)
+        items = []
+        for key in m.reader.keys():
+            parsed = parse_expert_key(key)
+            if parsed is None:
+                if parse_router_key(key) is None:
+                    items.append(_copy(key, m.reader, key))
+            elif parsed[1] != j:
+                layer, e, p = parsed
+                items.append(_copy(expert_key(layer, e - (e > j), p), m.reader, key))
+        keep = [e for e in range(m.num_experts) if e != j]
+        items += [_built(router_key(layer), m.dtype, (e_new, m.hidden_size),
+                         lambda layer=layer: m.reader.get(router_key(layer))[keep].contiguous())
+                  for layer in range(m.num_layers)]
+        experts = [e for i, e in enumerate(m.meta["experts"]) if i != j]
+        notes = [f"top-k {before} -> {top_k} (min(k, E-1) with E-1 = {e_new})" if top_k != before
+                 else f"top-k stays {top_k}"]
+        return _edit(m, out, cfg, items=items, experts=experts, biases=m.biases[:, keep].contiguous(), top_k=top_k,
+                     desc="remove", notes=notes, t0=t0)
+
+
+def extract(merged_dir: str | Path, name: str, out: str | Path, config: MergeConfig | None = None) -> ExtractResult:
+    """Give back one expert as a package: FFN, router row and bias exactly as merged, and the owner's card."""
+    cfg = config or MergeConfig()
+    t0 = time.perf_counter()
+    merged_dir = Path(merged_dir)
+    _refuse_input_as_output(Path(out), [merged_dir])
+    out = check_output(out, cfg.overwrite)
+    m = read_merged(merged_dir)
+    try:
+        j = m.index_of(name)
+        items = []
+        for layer in range(m.num_layers):
+            items += [_copy(dense_ffn_key(layer, p), m.reader, expert_key(layer, j, p)) for p in FFN_PROJS]
+            items.append(_built(package_row_key(layer), m.dtype, (m.hidden_size,),
+                                lambda layer=layer: m.reader.get(router_key(layer))[j].clone()))
+            items.append(_built(package_bias_key(layer), "F32", (), lambda layer=layer: m.biases[layer, j].clone()))
+        order = {k: i for i, k in enumerate(package_keys(m.num_layers))}
+        items.sort(key=lambda it: order[it.spec.name])
+        with _output(out, cfg.overwrite) as tmp:
+            specs = [it.spec for it in items]
+            with ShardWriter(tmp, specs, max_shard_bytes=NO_SHARD_LIMIT, prefix=PACKAGE_TENSORS.removesuffix(".safetensors")) as w:
+                for it in tqdm(items, desc="extract", disable=None if cfg.progress else True):
+                    it.emit(w)
+                w.finalize()
+            dump_json(tmp / PACKAGE_CARD, m.meta["experts"][j]["card"])
+    finally:
+        m.close()
+    return ExtractResult(out=out, name=name, num_layers=m.num_layers, total_bytes=sum(s.nbytes for s in specs),
+                         anchor_fingerprint=m.meta["anchor_fingerprint"], seconds=time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- inspect
+
+def _shard_infos(files: list[Path]) -> list[ShardInfo]:
+    out = []
+    for f in files:
+        with LazyReader.from_file(f) as r:
+            out.append(ShardInfo(name=f.name, bytes=f.stat().st_size, tensors=len(r.keys())))
+    return out
+
+
+def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
+    """Describe a merged checkpoint, an anchor or an expert package. `verify` recomputes the anchor fingerprint."""
+    path = Path(path)
+    if (path / PACKAGE_CARD).is_file():
+        pkg = read_package(path)
+        try:
+            spec = pkg.reader.spec(dense_ffn_key(0, "gate_proj"))
+            ffn = sum(pkg.reader.spec(dense_ffn_key(layer, p)).nbytes for layer in range(pkg.num_layers) for p in FFN_PROJS)
+            bias = _package_biases(pkg, pkg.num_layers).clamp(max=0).mean()
+            info = ExpertInfo(index=1, name=pkg.card.name, bytes=ffn, router_source=pkg.card.router_source,
+                              mean_bias=float(bias), card=_raw_card(pkg))
+            return InspectResult(kind="package", path=path, num_layers=pkg.num_layers, hidden_size=spec.shape[1],
+                                 intermediate_size=spec.shape[0], dtype=spec.dtype,
+                                 anchor_fingerprint=pkg.card.anchor_fingerprint, num_experts=None, top_k=None,
+                                 experts=[info], shards=_shard_infos(pkg.reader.files),
+                                 total_bytes=sum(f.stat().st_size for f in pkg.reader.files))
+        finally:
+            pkg.close()
+    if (path / MERGED_META).is_file():
+        m = read_merged(path)
+        try:
+            spec = m.ffn_spec(0, "gate_proj")
+            experts = []
+            for i, e in enumerate(m.meta["experts"]):
+                size = sum(m.reader.spec(expert_key(layer, i, p)).nbytes for layer in range(m.num_layers) for p in FFN_PROJS)
+                card = e.get("card")
+                experts.append(ExpertInfo(index=i, name=e["name"], bytes=size,
+                                          router_source=card.get("router_source") if card else "anchor",
+                                          mean_bias=float(m.biases[:, i].clamp(max=0).mean()), card=card))
+            files = model_files(path)
+            verified = merged_anchor_fingerprint(path) == m.meta["anchor_fingerprint"] if verify else None
+            return InspectResult(kind="merged", path=path, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                                 intermediate_size=spec.shape[0], dtype=spec.dtype,
+                                 anchor_fingerprint=m.meta["anchor_fingerprint"], num_experts=m.num_experts,
+                                 top_k=int(m.config["num_experts_per_tok"]), experts=experts,
+                                 shards=_shard_infos(files), total_bytes=sum(f.stat().st_size for f in files),
+                                 fingerprint_verified=verified)
+        finally:
+            m.close()
+    if (path / ANCHOR_META).is_file():
+        anchor = read_anchor(path)
+        files = model_files(path)
+        verified = anchor_fingerprint(path) == anchor.meta.fingerprint if verify else None
+        with LazyReader(files) as r:
+            spec = r.spec(dense_ffn_key(0, "gate_proj"))
+            ffn = sum(r.spec(dense_ffn_key(layer, p)).nbytes for layer in range(anchor.meta.num_layers) for p in FFN_PROJS)
+        return InspectResult(kind="anchor", path=path, num_layers=anchor.meta.num_layers,
+                             hidden_size=anchor.meta.hidden_size, intermediate_size=spec.shape[0], dtype=spec.dtype,
+                             anchor_fingerprint=anchor.meta.fingerprint, num_experts=1, top_k=None,
+                             experts=[ExpertInfo(index=0, name=PUBLIC_NAME, bytes=ffn, router_source="anchor",
+                                                 mean_bias=None, card=None)],
+                             shards=_shard_infos(files), total_bytes=sum(f.stat().st_size for f in files),
+                             fingerprint_verified=verified)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    raise CheckpointError(f"{path}: not a flexmoe merged checkpoint, anchor or expert package "
+                          f"(no {MERGED_META}, {ANCHOR_META} or {PACKAGE_CARD})")

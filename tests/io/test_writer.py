@@ -1,0 +1,90 @@
+"""ShardWriter: declared plan, HF shard names + index, raw copies; its output is read by the official library."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from flexmoe.errors import CheckpointError
+from flexmoe.io.reader import LazyReader
+from flexmoe.io.safetensors_format import TensorSpec
+from flexmoe.io.writer import ShardWriter, parse_size
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1.5MB") == 1_500_000
+    assert parse_size(" 500 kb ") == 500_000 and parse_size(1234) == 1234 and parse_size("100") == 100
+    for bad in ("lots", "5XB", "0", "-1GB"):
+        with pytest.raises(CheckpointError, match="bad size"):
+            parse_size(bad)
+
+
+def test_shards_index_and_official_reader(tmp_path):
+    ts = {f"t{i}": torch.randn(10, 10) for i in range(5)}  # 400 bytes each
+    ts["big"] = torch.randn(50, 10)  # 2000 bytes: larger than a shard, gets its own
+    ts["s"] = torch.tensor(3, dtype=torch.int32)
+    with ShardWriter(tmp_path, [TensorSpec.of(k, v) for k, v in ts.items()], max_shard_bytes=1000) as w:
+        for k, v in ts.items():
+            w.write(k, v)
+        names = w.finalize()
+    # [t0 t1] [t2 t3] [t4] [big] [s]: a shard closes before it would pass the limit
+    assert names == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ts.values())
+    assert index["weight_map"]["t0"] == names[0] and index["weight_map"]["big"] == names[3]
+    loaded = {}
+    for n in names:
+        loaded.update(load_file(str(tmp_path / n)))
+        with safe_open(str(tmp_path / n), "pt") as f:
+            assert f.metadata()["format"] == "pt"
+    assert loaded.keys() == ts.keys() and all(torch.equal(loaded[k], ts[k]) for k in ts)
+
+
+def test_single_file_copy_from_and_order(tmp_path):
+    src = {"x": torch.randn(4, 3).to(torch.bfloat16), "y": torch.arange(6)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    out = tmp_path / "out"
+    out.mkdir()
+    with LazyReader.from_file(tmp_path / "src.safetensors") as r:
+        specs = [TensorSpec("renamed", "BF16", (4, 3)), TensorSpec("new", "F32", (2,))]
+        with ShardWriter(out, specs, prefix="expert") as w:
+            with pytest.raises(CheckpointError, match="out of order"):
+                w.write("new", torch.zeros(2))
+            w.copy_from("renamed", r, "x")
+            with pytest.raises(CheckpointError, match="planned"):
+                w.write("new", torch.zeros(3))
+            w.write("new", torch.ones(2))
+            assert w.finalize() == ["expert.safetensors"]
+    got = load_file(str(out / "expert.safetensors"))
+    assert torch.equal(got["renamed"], src["x"]) and torch.equal(got["new"], torch.ones(2))
+    assert not (out / "expert.safetensors.index.json").exists()
+
+
+def test_plan_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="duplicate"):
+        ShardWriter(tmp_path, [TensorSpec("a", "F32", (1,))] * 2)
+    w = ShardWriter(tmp_path, [TensorSpec("a", "F32", (1,)), TensorSpec("b", "F32", (1,))])
+    w.write("a", torch.zeros(1))
+    with pytest.raises(CheckpointError, match="only 1 of 2"):
+        w.finalize()
+    with pytest.raises(CheckpointError, match="shape|F32"):
+        w.copy_from("b", _reader_of(tmp_path, torch.zeros(2)), "t")
+    w.write("b", torch.zeros(1))
+    with pytest.raises(CheckpointError, match="not declared"):
+        w.write("c", torch.zeros(1))
+    w.finalize()
+
+
+def _reader_of(tmp_path, t):
+    save_file({"t": t}, str(tmp_path / "r.safetensors"))
+    return LazyReader.from_file(tmp_path / "r.safetensors")
+
+
+def test_empty_plan_is_a_valid_file(tmp_path):
+    with ShardWriter(tmp_path, []) as w:
+        w.finalize()
+    assert load_file(str(tmp_path / "model.safetensors")) == {}

@@ -1,0 +1,241 @@
+"""Upcycle a dense anchor into the 2-expert model one data owner trains (FLEXOLMO.md §2).
+
+The model is a stock `FlexOlmoForCausalLM` (2 experts, top-k = train_top_k, no top-k renormalisation) whose
+shared tensors are the anchor's, with every layer's `mlp` replaced by `ExpertMoEBlock`: the same function as
+the merged checkpoint's MoE layer, but with the public and owner halves in separate tensors so the public half
+is frozen with `requires_grad=False` and gets no optimizer state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flexmoe.errors import CheckpointError
+from flexmoe.io.anchor import Anchor
+from flexmoe.io.reader import LazyReader
+from flexmoe.model.keys import dense_ffn_key, is_shared, package_bias_key, package_row_key
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TRAINABLE = ("owner_gate_up", "owner_down", "owner_row", "bias")
+_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                  "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters",
+                  "attention_bias", "attention_dropout")
+
+
+class ExpertMoEBlock(nn.Module):
+    """Identical in function to transformers' `FlexOlmoSparseMoeBlock` with 2 experts, router weight
+    [r_pub; r_i] and the expert bias b added to the owner's logit as min(b, 0), except: public and owner
+    tensors are separate parameters, both experts run on every token (no host sync; top-1 masks the loser's
+    weight to 0), and the router logits of the last forward are kept in `router_logits` for the z-loss.
+
+    Args:
+        public_gate_up: (2I, H) the anchor FFN's [gate_proj; up_proj], frozen; the owner's starts as a copy.
+        public_down: (H, I) the anchor FFN's down_proj, frozen; the owner's starts as a copy.
+        public_row: (H,) r_pub, frozen.
+        owner_row: (H,) r_i, trainable.
+        top_k: 1 or 2 experts per token; probabilities are not renormalised.
+        act: the FFN activation (OLMo-2: silu).
+    """
+
+    def __init__(self, *, public_gate_up: torch.Tensor, public_down: torch.Tensor, public_row: torch.Tensor,
+                 owner_row: torch.Tensor, top_k: int, act: str = "silu"):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.public_gate_up = nn.Parameter(public_gate_up.clone(), requires_grad=False)
+        self.public_down = nn.Parameter(public_down.clone(), requires_grad=False)
+        self.owner_gate_up = nn.Parameter(public_gate_up.clone())
+        self.owner_down = nn.Parameter(public_down.clone())
+        self.public_row = nn.Parameter(public_row.clone(), requires_grad=False)
+        self.owner_row = nn.Parameter(owner_row.to(public_row.dtype).clone())
+        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float32))  # float32 like the merged sidecar
+        self.top_k = top_k
+        self.act_fn = ACT2FN[act]
+        self.router_logits: torch.Tensor | None = None
+
+    def _ffn(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        # One fused gate/up matmul, chunked like transformers' FlexOlmoExperts so the numbers match.
+        gate, up = F.linear(h, gate_up).chunk(2, dim=-1)  # (N, I) each
+        return F.linear(self.act_fn(gate) * up, down)  # (N, H)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        B, T, H = hidden_states.shape
+        h = hidden_states.reshape(-1, H)  # (N, H)
+        logits = F.linear(h, torch.stack((self.public_row, self.owner_row)))  # (N, 2)
+        # min(b, 0): the owner may learn to fire less, never more, than its row alone says.
+        bias = torch.stack((torch.zeros_like(self.bias), self.bias.clamp(max=0)))  # (2,)
+        logits = logits + bias.to(logits.dtype)
+        self.router_logits = logits
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, 2), over both experts
+        if self.top_k == 1:
+            owner_wins = probs[:, 1:] > probs[:, :1]  # (N, 1); a tie goes to the public expert
+            probs = torch.cat((probs[:, :1] * ~owner_wins, probs[:, 1:] * owner_wins), dim=-1)
+        weights = probs.to(logits.dtype)  # (N, 2), not renormalised
+        out = self._ffn(h, self.public_gate_up, self.public_down) * weights[:, :1]
+        out = out + self._ffn(h, self.owner_gate_up, self.owner_down) * weights[:, 1:]
+        return out.reshape(B, T, H)
+
+
+def flex_config(olmo2_config, top_k: int):
+    """The `FlexOlmoConfig` of a 2-expert model with the anchor's shape."""
+    from transformers import FlexOlmoConfig
+
+    fields = {k: getattr(olmo2_config, k) for k in _CONFIG_FIELDS if hasattr(olmo2_config, k)}
+    return FlexOlmoConfig(**fields, num_experts=2, num_experts_per_tok=top_k, norm_topk_prob=False,
+                          output_router_logits=False, use_cache=False)
+
+
+def anchor_dtype(anchor: Anchor) -> torch.dtype:
+    try:
+        return DTYPES[anchor.meta.dtype]
+    except KeyError:
+        raise CheckpointError(f"{anchor.path}: unsupported anchor dtype {anchor.meta.dtype!r}") from None
+
+
+def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: torch.dtype = torch.float32):
+    """The owner's training model, on CPU in `dtype`, shared tensors frozen (see `freeze_shared`).
+
+    Args:
+        anchor: a loaded anchor (`flexmoe.io.anchor.read_anchor`).
+        owner_row: (hidden,) initial r_i in model space.
+        top_k: experts per token while training (1 or 2).
+        dtype: parameter dtype for training; frozen tensors are the anchor's values exactly.
+    """
+    from transformers import FlexOlmoForCausalLM, Olmo2Config
+
+    olmo2 = Olmo2Config.from_pretrained(anchor.path)
+    config = flex_config(olmo2, top_k)
+    with torch.device("meta"):  # no memory for the fused experts we replace anyway
+        model = FlexOlmoForCausalLM(config)
+    src = anchor_dtype(anchor)
+    # r_pub as the merged router holds it (anchor dtype), so both models compute the same logits.
+    public_row = anchor.public_row.to(src).to(dtype)
+    owner_row = owner_row.reshape(-1).float()
+    if owner_row.numel() != config.hidden_size:
+        raise CheckpointError(f"router row has {owner_row.numel()} numbers, the anchor's hidden size is {config.hidden_size}")
+    with LazyReader.from_dir(anchor.path) as reader:
+        for i, layer in enumerate(model.model.layers):
+            gate, up, down = (reader.get(dense_ffn_key(i, p)).to(dtype) for p in ("gate_proj", "up_proj", "down_proj"))
+            layer.mlp = ExpertMoEBlock(public_gate_up=torch.cat((gate, up)), public_down=down, public_row=public_row,
+                                       owner_row=owner_row.to(dtype), top_k=top_k, act=config.hidden_act)
+        shared = {k: reader.get(k).to(dtype) for k in reader.keys() if is_shared(k)}
+    _, unexpected = model.load_state_dict(shared, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"{anchor.path}: tensor {unexpected[0]!r} has no place in an OLMo-2 model")
+    # Non-persistent buffers (RoPE frequencies) were created on the meta device: rebuild them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{anchor.path}: tensor {missing[0]!r} is missing from the anchor")
+    freeze_shared(model)
+    return model
+
+
+def expert_blocks(model) -> list[ExpertMoEBlock]:
+    blocks = [layer.mlp for layer in model.model.layers]
+    if not all(isinstance(b, ExpertMoEBlock) for b in blocks):
+        raise CheckpointError("model is not an upcycled expert-training model")
+    return blocks
+
+
+def freeze_shared(model) -> None:
+    """Trainable: the owner FFN, r_i and the bias of every layer. Everything else is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.rsplit(".", 1)[-1] in TRAINABLE and ".mlp." in name
+
+
+def export_package_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Exactly the expert package's tensors (`io.package.package_keys`) on CPU: FFN and row in the anchor's
+    `dtype`, the raw bias in float32 (docs/FORMAT.md)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(expert_blocks(model)):
+        gate, up = block.owner_gate_up.detach().chunk(2, dim=0)  # (I, H) each
+        for proj, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", block.owner_down.detach())):
+            out[dense_ffn_key(i, proj)] = t.to("cpu", dtype).contiguous()
+        out[package_row_key(i)] = block.owner_row.detach().to("cpu", dtype).contiguous()
+        out[package_bias_key(i)] = block.bias.detach().to("cpu", torch.float32).reshape(()).contiguous()
+    return out
+
+
+def load_dense(anchor: Anchor, dtype: torch.dtype = torch.float32):
+    """The anchor as a plain `Olmo2ForCausalLM`, every parameter trainable (the no-coordination baseline)."""
+    from transformers import Olmo2ForCausalLM
+
+    return Olmo2ForCausalLM.from_pretrained(anchor.path, dtype=dtype)
+
+
+def export_dense_package_tensors(model, owner_row: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A package from a dense fine-tune: its FFNs as the owner expert, `owner_row` (hidden,) in every layer, bias 0.
+
+    Its shared layers drifted during the fine-tune and are dropped: that is what "no coordination" means.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[dense_ffn_key(i, proj)] = getattr(layer.mlp, proj).weight.detach().to("cpu", dtype).contiguous()
+        out[package_row_key(i)] = owner_row.detach().reshape(-1).to("cpu", dtype).contiguous()
+        out[package_bias_key(i)] = torch.zeros((), dtype=torch.float32)
+    return out
+
+
+@torch.no_grad()
+def import_package_tensors(model, tensors) -> None:
+    """The inverse of `export_package_tensors`: load a package's owner FFN, row and bias into `model`.
+
+    `tensors` maps `package_keys` names to tensors (e.g. `{k: reader.get(k) for k in reader.keys()}`).
+    """
+    for i, block in enumerate(expert_blocks(model)):
+        gate, up, down = (tensors[dense_ffn_key(i, p)] for p in ("gate_proj", "up_proj", "down_proj"))
+        block.owner_gate_up.copy_(torch.cat((gate, up)))
+        block.owner_down.copy_(down)
+        block.owner_row.copy_(tensors[package_row_key(i)].reshape(-1))
+        block.bias.copy_(tensors[package_bias_key(i)].reshape(()))
+
+
+def router_z_loss(model) -> torch.Tensor | None:
+    """Layer mean of mean(logsumexp(router_logits)^2) from the last forward; None for a dense model."""
+    terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
+             for m in model.modules() if isinstance(m, ExpertMoEBlock) and m.router_logits is not None]
+    return torch.stack(terms).mean() if terms else None
+
+
+def scaled_like(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`vector` rescaled to the norm of `reference` (router-row ablations stay on r_pub's scale)."""
+    v = vector.float().reshape(-1)
+    return v * (reference.float().norm() / v.norm().clamp_min(1e-12))
+
+
+def random_row(public_row: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded Gaussian row with the norm of r_pub (the random-router ablation)."""
+    g = torch.Generator().manual_seed(seed)
+    return scaled_like(torch.randn(public_row.numel(), generator=g), public_row)
+
+
+@torch.no_grad()
+def hidden_mean_row(anchor: Anchor, data, *, num_seqs: int, batch_size: int, device: str = "cpu") -> torch.Tensor:
+    """Mean of the anchor's final residual stream (input of the last norm) over owner sequences, norm of r_pub.
+
+    `data` is a `flexmoe.data.PackedData`; the first `num_seqs` blocks of its seeded order are used.
+    """
+    model = load_dense(anchor).to(device).eval()
+    total = torch.zeros(model.config.hidden_size, dtype=torch.float64, device=device)
+    count = 0
+
+    def grab(_module, args):
+        nonlocal count
+        h = args[0].reshape(-1, args[0].shape[-1])  # (N, H)
+        total.add_(h.double().sum(0))
+        count += h.shape[0]
+
+    handle = model.model.norm.register_forward_pre_hook(grab)
+    try:
+        n = min(num_seqs, data.num_blocks)
+        for start in range(0, n, batch_size):
+            inputs, _ = data.batch(start, min(batch_size, n - start))
+            model(input_ids=inputs.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return scaled_like((total / count).cpu(), anchor.public_row)

@@ -1,0 +1,78 @@
+"""BTM-style ensemble (FLEXOLMO.md §6): mix separately trained LMs by the domain posterior of the prefix.
+
+For models m = 1..M sharing one tokenizer, at each position t of a window:
+    w_m(t) ∝ prior_m * p_m(x_1 .. x_t)          (likelihood of the window's prefix under model m)
+    p(y_t | x_<=t) = sum_m w_m(t) * p_m(y_t | x_<=t)
+optionally keeping only the `top_k` largest weights (renormalised). The prefix likelihood is the running sum of
+each model's own target log-probs, so it comes from the same forward passes: M forwards per batch, no more.
+Only the probability of the observed next token is needed for BPB, and the mixture's probability of a token is
+the weighted sum of the models' probabilities of that token, so no (B, T, V) distribution is materialised.
+`Ensemble` has the scorer interface of `flexmoe.eval.bpb`, so its BPB goes through the same code path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.eval.bpb import CausalLMScorer, Scorer, load_causal_lm, load_tokenizer
+
+
+class Ensemble:
+    """A mixture of scorers weighted by the posterior of the prefix.
+
+    Args:
+        scorers: the member models (see `flexmoe.eval.bpb.Scorer`), all over the same tokenizer.
+        priors: prior weight of each member (normalised here); default uniform.
+        top_k: mix only the k members with the largest posterior at each position; default all.
+    """
+
+    def __init__(self, scorers: list[Scorer], *, priors: list[float] | None = None, top_k: int | None = None):
+        if not scorers:
+            raise ConfigError("an ensemble needs at least one model")
+        priors = [1.0] * len(scorers) if priors is None else list(priors)
+        if len(priors) != len(scorers) or any(p <= 0 for p in priors):
+            raise ConfigError(f"ensemble priors must be {len(scorers)} positive numbers, got {priors}")
+        if top_k is not None and not 1 <= top_k <= len(scorers):
+            raise ConfigError(f"ensemble top-k {top_k} is out of range 1..{len(scorers)}")
+        self.scorers = scorers
+        self.device = scorers[0].device
+        total = sum(priors)
+        self.log_prior = torch.tensor([math.log(p / total) for p in priors], dtype=torch.float32)  # (M,)
+        self.top_k = top_k
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 targets: torch.Tensor) -> torch.Tensor:
+        lps = torch.stack([
+            s(input_ids.to(s.device), None if attention_mask is None else attention_mask.to(s.device),
+              targets.to(s.device)).float().to(self.device)
+            for s in self.scorers])  # (M, B, T)
+        if attention_mask is not None:
+            lps = lps.masked_fill(~attention_mask.to(self.device).bool(), 0.0)  # padding adds nothing to a prefix
+        prefix = lps.cumsum(-1) - lps  # (M, B, T): log p_m of the targets before t (exclusive running sum)
+        log_w = self.log_prior.to(self.device)[:, None, None] + prefix  # (M, B, T)
+        if self.top_k is not None and self.top_k < len(self.scorers):
+            keep = torch.zeros_like(log_w, dtype=torch.bool).scatter_(0, log_w.topk(self.top_k, dim=0).indices, True)
+            log_w = log_w.masked_fill(~keep, float("-inf"))  # exactly k members, even when weights tie
+        log_w = log_w - log_w.logsumexp(0, keepdim=True)
+        return (log_w + lps).logsumexp(0)  # (B, T)
+
+
+def load_ensemble(paths: list[str | Path], *, bias: bool = True, device: str | torch.device = "cpu",
+                  bf16: bool = False, priors: list[float] | None = None, top_k: int | None = None,
+                  experts_implementation: str | None = None):
+    """Load model directories as an `Ensemble`; returns (ensemble, tokenizer). Their tokenizers must agree."""
+    tokenizer, vocab = None, None
+    scorers = []
+    for p in paths:
+        tok = load_tokenizer(p)
+        if tokenizer is None:
+            tokenizer, vocab = tok, tok.get_vocab()
+        elif tok.get_vocab() != vocab:
+            raise CheckpointError(f"{p}: its tokenizer differs from {paths[0]}'s; ensemble members must share one")
+        model = load_causal_lm(p, bias=bias, device=device, experts_implementation=experts_implementation)
+        scorers.append(CausalLMScorer(model, bf16=bf16))
+    return Ensemble(scorers, priors=priors, top_k=top_k), tokenizer

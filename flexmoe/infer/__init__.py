@@ -1,0 +1,98 @@
+"""Fast inference for merged FlexOlmo checkpoints, plugged into transformers' own extension points.
+
+- `flexmoe.infer.experts`: an experts kernel registered in transformers' `ALL_EXPERTS_FUNCTIONS` ("flexmoe"):
+  host-sync-free sort + grouped GEMM (Triton for decode-sized batches, `torch._grouped_mm` for prefill).
+- `flexmoe.infer.decode`: greedy decoding over transformers' `StaticCache` with the decode step captured in CUDA
+  graphs per batch bucket.
+
+The checkpoint format is untouched; the expert bias comes from the model's routers (`BiasedTopKRouter` after
+`flexmoe.model.load.load_model`), which run unchanged inside the captured step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import ConfigError
+from flexmoe.infer.decode import FastDecoder, GenerateOutput
+from flexmoe.infer.experts import EXPERTS_IMPL, register
+
+__all__ = ["FastDecoder", "GenerateConfig", "GenerateOutput", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """What `flexmoe generate` / `api.generate` runs: greedy continuations of `prompts` by the model at `model`.
+
+    `fast=False` runs stock `model.generate` with the checkpoint's experts kernel (for comparison); `bias=False`
+    loads a merged checkpoint as stock transformers does (no expert bias). `dtype` "auto" is bfloat16 on CUDA and
+    float32 on CPU.
+    """
+
+    model: Path
+    prompts: list[str]
+    max_new_tokens: int = 64
+    device: str = "auto"
+    dtype: str = "auto"  # auto, bfloat16, float16, float32
+    fast: bool = True
+    bias: bool = True
+
+    def validate(self) -> "GenerateConfig":
+        if not self.prompts:
+            raise ConfigError("no prompt: give at least one --prompt TEXT")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"bad dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
+        return self
+
+
+def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
+                     experts: str = EXPERTS_IMPL, fuse_norms: bool = True) -> FastDecoder:
+    """Switch `model` to flexmoe's experts kernel and attach a `FastDecoder` (used by `fast_generate`).
+
+    Args:
+        model: a `FlexOlmoForCausalLM` on its final device and dtype.
+        cuda_graphs: capture decode steps in CUDA graphs (default: when on CUDA).
+        compile: torch.compile each decoder layer for the decode step (see `FastDecoder`).
+        experts: the registered experts kernel ("flexmoe", "flexmoe_grouped", "flexmoe_triton", or a stock one).
+        fuse_norms: swap the RMSNorms for `flexmoe.infer.norms.FusedRMSNorm` (same weights, same math).
+    Returns:
+        The decoder; `model.generate` keeps working and also uses the new experts kernel.
+    """
+    register()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(experts)
+    if fuse_norms:
+        from flexmoe.infer.norms import fuse_rms_norms
+
+        fuse_rms_norms(model)
+    decoder = FastDecoder(model.eval(), cuda_graphs=cuda_graphs, compile=compile)
+    model._flexmoe_decoder = decoder
+    return decoder
+
+
+def fast_generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
+                  attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
+                  pad_token_id: int | None = None, **generate_kwargs) -> torch.Tensor:
+    """A drop-in for greedy `model.generate(input_ids, max_new_tokens=..., ...)`: returns (B, T + n) token ids.
+
+    EOS and pad ids default to the model's generation config, as in `generate`. Anything the fast path does not
+    do (sampling, beams, logits processors) is handed to `model.generate` unchanged.
+    """
+    greedy = not generate_kwargs.get("do_sample", False) and generate_kwargs.get("num_beams", 1) == 1
+    if not greedy or set(generate_kwargs) - {"do_sample", "num_beams"}:
+        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generate_kwargs)
+    gen = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen is not None:
+        eos_token_id = gen.eos_token_id
+    if pad_token_id is None and gen is not None:
+        pad_token_id = gen.pad_token_id
+    decoder = getattr(model, "_flexmoe_decoder", None) or enable_fast_path(model)
+    out = decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                           pad_token_id=pad_token_id)
+    return out.sequences

@@ -1,0 +1,122 @@
+"""The fast path on a CUDA GPU: CUDA graphs, the Triton and grouped-GEMM kernels, no host syncs, stock loading.
+
+Run on the GPU machine: `python3 -m pytest -q -m gpu tests/infer/test_fast_gpu.py -p no:cacheprovider`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _model(dtype, num_experts=4, k=2, layers=2, seed=0):
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = FlexOlmoConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, num_experts=num_experts, num_experts_per_tok=k,
+                         norm_topk_prob=False, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    return FlexOlmoForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+def _experts(num_experts, dtype=torch.bfloat16):
+    m = _model(dtype, num_experts=num_experts, layers=1)
+    return m.model.layers[0].mlp.experts
+
+
+@pytest.mark.parametrize("tokens,num_experts,k", [(1, 4, 2), (32, 4, 2), (100, 8, 4), (1000, 4, 2)])
+def test_kernels_agree_bf16(tokens, num_experts, k):
+    from flexmoe.infer import experts as X
+    from flexmoe.infer.triton_moe import fused_experts
+
+    ex = _experts(num_experts)
+    x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16)
+    w, idx = torch.randn(tokens, num_experts, device="cuda").softmax(-1).topk(k, -1)
+    w = w.to(torch.bfloat16)
+    with torch.inference_mode():
+        ex32 = _experts(num_experts, torch.float32)
+        ex32.gate_up_proj.data.copy_(ex.gate_up_proj.float())
+        ex32.down_proj.data.copy_(ex.down_proj.float())
+        ref = X._dense(ex32, x.float(), idx, w.float())
+        for out in (X._grouped(ex, x, idx, w), fused_experts(x, ex.gate_up_proj, ex.down_proj, idx, w)):
+            assert ((out.float() - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_experts_paths_do_not_sync():
+    from flexmoe.infer import experts as X
+
+    ex = _experts(4)
+    x = torch.randn(8, 128, device="cuda", dtype=torch.bfloat16)
+    w, idx = torch.randn(8, 4, device="cuda").softmax(-1).topk(2, -1)
+    w = w.to(torch.bfloat16)
+    with torch.inference_mode():
+        for fn in (X.flexmoe_experts_forward, X.flexmoe_grouped_experts_forward, X.flexmoe_triton_experts_forward):
+            fn(ex, x, idx, w)  # warm-up: Triton autotuning synchronises
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                fn(ex, x, idx, w)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def test_graphs_replay_exactly_what_eager_steps_compute():
+    from flexmoe.infer import FastDecoder, enable_fast_path
+
+    m = _model(torch.bfloat16)
+    ids = torch.randint(2, 512, (3, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    g = enable_fast_path(m).generate(ids, mask, max_new_tokens=24, output_logits=True)
+    e = FastDecoder(m, cuda_graphs=False).generate(ids, mask, max_new_tokens=24, output_logits=True)
+    assert torch.equal(g.sequences, e.sequences)
+    assert torch.equal(g.logits, e.logits)
+
+
+def test_fp32_graphs_match_stock_eager_with_bias():
+    from flexmoe.infer import enable_fast_path
+    from flexmoe.model.load import apply_expert_bias
+
+    m = _model(torch.float32)
+    apply_expert_bias(m, -2 * torch.rand(2, 4))
+    ids = torch.randint(2, 512, (2, 16), device="cuda")
+    m.set_experts_implementation("eager")
+    with torch.inference_mode():
+        ref = m.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    out = enable_fast_path(m).generate(ids, max_new_tokens=32, output_logits=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.logits, torch.stack(ref.logits, 1).float(), rtol=0, atol=1e-4)
+
+
+def test_compiled_graphs_close_to_uncompiled():
+    from flexmoe.infer import FastDecoder, enable_fast_path
+
+    m = _model(torch.bfloat16, layers=3)
+    ids = torch.randint(2, 512, (2, 16), device="cuda")
+    ref = enable_fast_path(m).generate(ids, max_new_tokens=8, output_logits=True)
+    out = FastDecoder(m, compile=True).generate(ids, max_new_tokens=8, output_logits=True)
+    first = (out.logits[:, 0] - ref.logits[:, 0]).norm() / ref.logits[:, 0].norm()
+    assert first < 2e-2
+
+
+def test_checkpoint_still_loads_in_stock_transformers(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.infer import fast_generate
+    from flexmoe.model.keys import router_bias_key
+    from flexmoe.model.load import BIAS_FILE, load_model
+
+    m = _model(torch.float32).cpu()
+    m.save_pretrained(tmp_path)
+    save_file({router_bias_key(L): -torch.rand(4) for L in range(2)}, str(tmp_path / BIAS_FILE))
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(stock).__name__ == "FlexOlmoForCausalLM"
+    fm = load_model(tmp_path, device="cuda")
+    ids = torch.randint(2, 512, (1, 12), device="cuda")
+    out = fast_generate(fm, ids, 8, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 20)

@@ -7,6 +7,9 @@
    installed, else a tiny random one built locally (nothing is downloaded).
 2. A tiny public anchor trained on fixtures/public (`flexmoe train-anchor --preset tiny`).
 3. Two data owners train experts against it from experts/demo/{code,speeches}.yaml (`flexmoe train-expert`).
+4. `flexmoe merge` combines anchor + experts into one transformers `FlexOlmoForCausalLM` checkpoint, which stock
+   `AutoModelForCausalLM` loads and generates from.
+5. `flexmoe remove` opts the speeches owner out: the checkpoint shrinks by one expert and still generates.
 Everything goes under runs/demo (git-ignored) and is rebuilt on every run.
 """
 
@@ -23,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.chdir(ROOT)  # the expert specs name their data relative to the repository root
 
 from flexmoe import api  # noqa: E402
-from flexmoe.config import Device, TrainAnchorConfig, load_expert_spec  # noqa: E402
+from flexmoe.config import Device, MergeConfig, TrainAnchorConfig, load_expert_spec  # noqa: E402
 
 
 def find_embedder(out: Path) -> Path:
@@ -47,12 +50,12 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     embedder = find_embedder(args.out / "embedder")
-    print(f"[1/3] embedder: {embedder}")
+    print(f"[1/5] embedder: {embedder}")
 
     anchor = api.train_anchor(TrainAnchorConfig(data=[Path("fixtures/public/train.jsonl")], embedder=embedder,
                                                 preset="tiny", max_steps=args.anchor_steps, device=Device.CPU),
                               args.out / "anchor", overwrite=True)
-    print(f"[2/3] anchor: {anchor.path} ({anchor.num_params:,} params, {anchor.steps} steps, "
+    print(f"[2/5] anchor: {anchor.path} ({anchor.num_params:,} params, {anchor.steps} steps, "
           f"loss {anchor.final_loss:.3f}, {anchor.tokens_per_s:,.0f} tok/s)")
 
     experts = []
@@ -61,14 +64,37 @@ def main() -> None:
                                                                 "train.device": "cpu"})
         r = api.train_expert(spec, args.out / name, overwrite=True)
         experts.append(r)
-        print(f"[3/3] expert {r.name!r}: {r.path} ({r.package_bytes / 1024:.0f} KiB, {r.steps} steps, "
+        print(f"[3/5] expert {r.name!r}: {r.path} ({r.package_bytes / 1024:.0f} KiB, {r.steps} steps, "
               f"loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tok/s)")
+
+    quiet = MergeConfig(overwrite=True, progress=False)
+    merged = api.merge(anchor.path, [r.path for r in experts], args.out / "merged", quiet)
+    print(f"[4/5] merged: {merged.out} (experts {', '.join(merged.experts)}, top-{merged.top_k}, "
+          f"{merged.total_bytes / 1024:.0f} KiB)")
+    print(f"      stock AutoModelForCausalLM: {generate_with_transformers(merged.out)!r}")
+    smaller = api.remove(merged.out, "speeches", args.out / "merged-without-speeches", quiet)
+    print(f"[5/5] speeches opted out: {smaller.out} (experts {', '.join(smaller.experts)}, top-{smaller.top_k}, "
+          f"{smaller.total_bytes / 1024:.0f} KiB, {merged.total_bytes - smaller.total_bytes:,} bytes smaller)")
+    print(f"      stock AutoModelForCausalLM: {generate_with_transformers(smaller.out)!r}")
 
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s. Outputs:")
     print(f"  anchor            {anchor.path}  (fingerprint {anchor.fingerprint[:19]}...)")
     for r in experts:
         print(f"  expert {r.name:10s} {r.path}")
+    print(f"  merged            {merged.out}")
+    print(f"  opted out         {smaller.out}")
     print(f"  embedder          {embedder}")
+
+
+def generate_with_transformers(model_dir: Path, prompt: str = "In the beginning") -> str:
+    """Greedy continuation by plain transformers: the merged folder is a standard Hugging Face checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 if __name__ == "__main__":

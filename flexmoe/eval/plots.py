@@ -51,15 +51,19 @@ def routing_heatmap(stats: RoutingStats, domain: str, out: Path) -> Path:
     plt = _pyplot()
     d = stats.domains[domain]
     layers, experts = len(d.fraction), len(stats.experts)
+    # With every expert active the top-k share is 1 everywhere and says nothing: show router probabilities.
+    dense = stats.top_k >= experts
+    values = d.mean_prob if dense else d.fraction
     fig, ax = plt.subplots(figsize=(1.6 + 0.8 * experts, 1.4 + 0.35 * layers))
-    im = ax.imshow(d.fraction, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
+    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
     ax.set_xticks(range(experts), stats.experts, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"{domain}: share of tokens routed to each expert (top-{stats.top_k})", fontsize=9)
+    what = "mean router probability of each expert" if dense else f"share of tokens routed to each expert (top-{stats.top_k})"
+    ax.set_title(f"{domain}: {what}", fontsize=9)
     if layers * experts <= 160:  # numbers stay readable only on small grids
-        for li, row in enumerate(d.fraction):
+        for li, row in enumerate(values):
             for e, v in enumerate(row):
                 ax.text(e, li, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
     fig.colorbar(im, ax=ax, fraction=0.05)

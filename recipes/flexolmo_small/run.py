@@ -50,17 +50,25 @@ class Scale:
     domains: tuple[str, ...]
     anchor_steps: int
     expert_steps: int
-    batch_size: int
+    batch_size: int  # sequences per micro-step
     seq_len: int
     eval_bytes: int  # held-out bytes per domain
     parallel: int  # expert trainings at once
     device: str
+    grad_accum: int = 1
 
 
 SCALES = {
-    # One H100: ~67M-parameter anchor, four experts of ~1 epoch each, all variants.
-    "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=600,
-                   expert_steps=120, batch_size=32, seq_len=1024, eval_bytes=400_000, parallel=8, device="cuda"),
+    # One H100: ~67M-parameter anchor (2 epochs of public text), four experts of ~1 epoch each, all variants.
+    # One training already keeps the GPU busy (~250k tok/s); 3 at a time hide start-up and tokenisation,
+    # and 3 dense "no coordination" fine-tunes (~18 GB each) still fit in 80 GB.
+    "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=400,
+                   expert_steps=80, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=400_000, parallel=3,
+                   device="cuda"),
+    # A 2-minute GPU check of the whole pipeline at the small shape (timings for planning, not results).
+    "probe": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=40,
+                   expert_steps=10, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=50_000, parallel=6,
+                   device="cuda"),
     # CPU smoke test on the bundled fixtures.
     "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_steps=8, batch_size=4,
                   seq_len=64, eval_bytes=3_000, parallel=1, device="cpu"),
@@ -74,7 +82,7 @@ def log(msg: str) -> None:
 
 def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     """Data folder, per-domain train/eval files and router-row files (made here for the tiny scale)."""
-    if scale.preset == "tiny":
+    if scale.device == "cpu":
         data = ROOT / "fixtures"
         rows_dir = run / "rows"
         embedder = run / "embedder"
@@ -93,7 +101,7 @@ def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]
         data = run / "data"
         if not (data / "public" / "train.jsonl").is_file():
             with tarfile.open(carry / "data.tar.gz") as tar:
-                tar.extractall(data, filter="data")
+                tar.extractall(run, filter="data")  # the pack holds data/<domain>/...
         rows_dir = carry / "rows"
     rows = {d: rows_dir / f"{d}.safetensors" for d in ("public", *scale.domains)}
     return data, rows, {d: data / d / "eval.jsonl" for d in ("public", *scale.domains)}
@@ -103,7 +111,7 @@ def expert_overrides(scale: Scale, anchor: Path, data: Path, dom: str, variant: 
     """Spec overrides on top of experts/<dom>.yaml for one variant of one owner's training."""
     over = {"name": dom, "anchor": str(anchor), "data": [str(data / dom / "train.jsonl")],
             "train.max_steps": scale.expert_steps, "train.batch_size": scale.batch_size,
-            "train.seq_len": scale.seq_len, "train.device": scale.device, "train.bf16": scale.device == "cuda",
+            "train.seq_len": scale.seq_len, "train.grad_accum": scale.grad_accum, "train.device": scale.device, "train.bf16": scale.device == "cuda",
             "train.checkpoint_every": 0, "train.warmup_steps": max(1, scale.expert_steps // 10),
             "mode": "dense" if variant == "dense" else "flexolmo"}
     if variant in ("embedding", "dense"):
@@ -129,16 +137,27 @@ def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: 
         else:
             cmd = [sys.executable, "-m", "flexmoe.cli", "train-expert", "--config", spec, "--out", str(out),
                    "--overwrite", *[a for k, v in over.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
-            with open(logs / f"{label}.log", "w") as f:
+            log_file = logs / f"{label.replace('/', '-')}.log"
+            with open(log_file, "w") as f:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
             if rc != 0:
-                tail = (logs / f"{label}.log").read_text().splitlines()[-15:]
+                tail = log_file.read_text().splitlines()[-15:]
                 raise RuntimeError(f"{label} failed (exit {rc}):\n" + "\n".join(tail))
         log(f"  done {label} in {time.perf_counter() - t0:.0f}s")
         return label, time.perf_counter() - t0
 
     with ThreadPoolExecutor(parallel) as pool:
         return dict(pool.map(one, jobs))
+
+
+def _release_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -165,17 +184,19 @@ def main() -> None:
     t0 = time.perf_counter()
     anchor = api.train_anchor(TrainAnchorConfig(
         data=[data / "public" / "train.jsonl"], public_row=rows["public"], preset=scale.preset,
-        max_steps=scale.anchor_steps, batch_size=scale.batch_size, seq_len=scale.seq_len, seed=args.seed,
+        max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum, seq_len=scale.seq_len,
+        seed=args.seed,
         bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0), run / "anchor", overwrite=True,
         progress=False)
     timings["anchor"] = time.perf_counter() - t0
+    _release_gpu_memory()  # the expert processes need the memory this one cached while training the anchor
     log(f"  anchor: {anchor.num_params:,} params, loss {anchor.final_loss:.3f}, {anchor.tokens_per_s:,.0f} tok/s")
 
     log(f"experts: {len(scale.domains)} domains x {len(VARIANTS)} variants, {scale.parallel} at a time")
     t0 = time.perf_counter()
     jobs = {f"{v}/{d}": (f"experts/{d}.yaml", expert_overrides(scale, anchor.path, data, d, v, rows[d]),
                          run / "experts" / v / d) for v in VARIANTS for d in scale.domains}
-    expert_wall = train_experts(jobs, scale.parallel, out / "logs")
+    expert_wall = train_experts(jobs, scale.parallel, run / "logs")
     timings["experts"] = time.perf_counter() - t0
     cards = {label: json.loads((jobs[label][2] / "expert.json").read_text()) for label in expert_wall}
 

@@ -23,25 +23,20 @@ import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.atomic import atomic_dir, check_output
+from flexmoe.io.jsonfile import read_json
+from flexmoe.io.merged import BIAS_FILE, MERGED_META
 from flexmoe.io.reader import INDEX_NAME, LazyReader, model_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from flexmoe.model.keys import FFN_PROJS, expert_key, parse_expert_key, parse_router_key, router_bias_key
 
-BIAS_FILE = "flexmoe_router_bias.safetensors"
-MERGED_META = "flexmoe.json"
 
 # An output tensor is copied as raw bytes from the source (str: the source key) or computed (a callable).
 Producer = str | Callable[[], torch.Tensor]
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: no {path.name}; is it a merged flex_olmo checkpoint?") from None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: not valid JSON") from None
+    return read_json(path, "merged flex_olmo checkpoint")
 
 
 def _write_model(src: Path, tmp: Path, plan: dict[str, tuple[TensorSpec, Producer]], config: dict,

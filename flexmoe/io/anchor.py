@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
 from flexmoe.io.writer import ShardWriter
@@ -109,24 +110,16 @@ def write_anchor_files(out_dir: Path, meta: AnchorMeta, public_row: torch.Tensor
 def read_anchor(path: str | Path) -> Anchor:
     """Load an anchor's flexmoe metadata. Raises `CheckpointError` if `path` is not a flexmoe anchor."""
     path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path}: not a model directory (no config.json)")
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg}: not valid JSON") from e
+    model_type = read_json(path / "config.json", "model directory").get("model_type")
     if model_type not in ("olmo2", "flex_olmo"):
         raise CheckpointError(f"{path}: model_type {model_type!r} is not an OLMo-2 anchor (expected 'olmo2')")
     meta_file = path / ANCHOR_META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
+    data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
     try:
-        data = json.loads(meta_file.read_text())
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_file}: unknown format {data.get('format')!r} (expected {FORMAT})")
         meta = AnchorMeta.from_json(data)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_file}: corrupt anchor metadata ({e})") from e
     with LazyReader.from_file(path / ANCHOR_ROUTER) as r:
         public_row = r.get("public_row").float()

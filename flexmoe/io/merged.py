@@ -16,6 +16,7 @@ import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER
+from flexmoe.io.jsonfile import dump_json, read_json  # noqa: F401  (re-exported for surgery)
 from flexmoe.io.package import PUBLIC_NAME
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
@@ -32,22 +33,6 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
                 "chat_template.json")
 NO_SHARD_LIMIT = 2**62
-
-
-def dump_json(path: Path, data: dict, *, sort_keys: bool = False) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no {path.name}; is it a {what}?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
 from flexmoe.io.writer import ShardWriter
@@ -99,12 +100,10 @@ def read_package(path: str | Path) -> ExpertPackage:
     card_file = path / PACKAGE_CARD
     if not card_file.is_file():
         raise CheckpointError(f"{path}: not an expert package (no {PACKAGE_CARD})")
+    data = read_json(card_file, "expert package", FORMAT, label="expert card")
     try:
-        data = json.loads(card_file.read_text())
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{card_file}: unknown format {data.get('format')!r} (expected {FORMAT})")
         card = ExpertCard.from_json(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+    except (TypeError, AttributeError) as e:
         raise CheckpointError(f"{card_file}: corrupt expert card ({e})") from e
     reader = LazyReader.from_file(path / PACKAGE_TENSORS)
     num_layers = len([k for k in reader.keys() if k.endswith(".mlp.router.bias")])

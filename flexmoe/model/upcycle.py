@@ -25,11 +25,58 @@ _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "attention_bias", "attention_dropout")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in here: autocast's if it is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class SwiGLUFFN(torch.autograd.Function):
+    """`down(silu(gate) * up)` with `[gate; up] = gate_up(h)`, every matmul in dtype `cdt`: the same ops, dtypes
+    and results as autograd on `F.linear` under autocast, except what is kept for backward: h (only when
+    gate_up is trainable) and the (N, 2I) gate/up output. silu(gate) and the (N, I) product are recomputed
+    in backward (cheap elementwise work), and the `cdt` copies of the weights are made again there instead of
+    being held from forward to backward: per token and layer I (frozen slot) or 2I (trainable slot) fewer
+    numbers kept than autograd keeps, and no bf16 copy of a trainable FFN held through the step. Used eagerly;
+    under torch.compile the plain ops are traced and the partitioner makes the same choices.
+
+    Inputs: h (N, H); gate_up (2I, H); down (H, I); cdt the compute dtype (`compute_dtype`).
+    """
+
+    @staticmethod
+    def forward(ctx, h, gate_up, down, cdt):
+        hc = h.to(cdt)  # (N, H)
+        gu = F.linear(hc, gate_up.to(cdt))  # (N, 2I)
+        gate, up = gu.chunk(2, dim=-1)  # (N, I) each
+        y = F.linear(F.silu(gate) * up, down.to(cdt))  # (N, H)
+        ctx.cdt = cdt
+        ctx.save_for_backward(hc if ctx.needs_input_grad[1] else None, gu, gate_up, down)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dy (N, H)
+        hc, gu, gate_up, down = ctx.saved_tensors
+        need_h, need_gu, need_down = ctx.needs_input_grad[:3]
+        dy = dy.to(ctx.cdt)
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.silu(gate)  # (N, I), recomputed
+        dW_down = dy.t().mm(act * up) if need_down else None  # (H, I)
+        dprod = dy.mm(down.to(ctx.cdt))  # (N, I)
+        dgu = torch.empty_like(gu)  # (N, 2I), written in place: no concatenation pass
+        dgate, dup = dgu.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(dprod * up, gate, grad_input=dgate)
+        torch.mul(dprod, act, out=dup)
+        dh = dgu.mm(gate_up.to(ctx.cdt)) if need_h else None  # (N, H)
+        dW_gate_up = dgu.t().mm(hc) if need_gu else None  # (2I, H)
+        return dh, dW_gate_up, dW_down, None
+
+
 class ExpertMoEBlock(nn.Module):
     """Identical in function to transformers' `FlexOlmoSparseMoeBlock` with 2 experts, router weight
     [r_pub; r_i] and the expert bias b added to the owner's logit as min(b, 0), except: public and owner
     tensors are separate parameters, both experts run on every token (no host sync; top-1 masks the loser's
-    weight to 0), and the router logits of the last forward are kept in `router_logits` for the z-loss.
+    weight to 0), the router logits of the last forward are kept in `router_logits` for the z-loss, and a
+    SiLU FFN runs through `SwiGLUFFN` (same numbers, leaner backward).
 
     Args:
         public_gate_up: (2I, H) the anchor FFN's [gate_proj; up_proj], frozen; the owner's starts as a copy.
@@ -39,6 +86,8 @@ class ExpertMoEBlock(nn.Module):
         top_k: 1 or 2 experts per token; probabilities are not renormalised.
         act: the FFN activation (OLMo-2: silu).
     """
+
+    MATMUL_WEIGHTS = ("public_gate_up", "public_down", "owner_gate_up", "owner_down")  # used only in matmuls
 
     def __init__(self, *, public_gate_up: torch.Tensor, public_down: torch.Tensor, public_row: torch.Tensor,
                  owner_row: torch.Tensor, top_k: int, act: str = "silu"):
@@ -51,13 +100,17 @@ class ExpertMoEBlock(nn.Module):
         self.owner_down = nn.Parameter(public_down.clone())
         self.public_row = nn.Parameter(public_row.clone(), requires_grad=False)
         self.owner_row = nn.Parameter(owner_row.to(public_row.dtype).clone())
-        self.bias = nn.Parameter(torch.zeros((), dtype=torch.float32))  # float32 like the merged sidecar
+        # float32 like the merged sidecar; (1,), not a scalar, because FSDP2 cannot shard 0-d parameters.
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32))
         self.top_k = top_k
         self.act_fn = ACT2FN[act]
+        self.silu = act == "silu"  # OLMo-2's; other activations take the plain autograd path
         self.router_logits: torch.Tensor | None = None
 
     def _ffn(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         # One fused gate/up matmul, chunked like transformers' FlexOlmoExperts so the numbers match.
+        if self.silu and not torch.compiler.is_compiling():  # compiled, the partitioner picks what to recompute
+            return SwiGLUFFN.apply(h, gate_up, down, compute_dtype(h))  # (N, H)
         gate, up = F.linear(h, gate_up).chunk(2, dim=-1)  # (N, I) each
         return F.linear(self.act_fn(gate) * up, down)  # (N, H)
 
@@ -66,7 +119,7 @@ class ExpertMoEBlock(nn.Module):
         h = hidden_states.reshape(-1, H)  # (N, H)
         logits = F.linear(h, torch.stack((self.public_row, self.owner_row)))  # (N, 2)
         # min(b, 0): the owner may learn to fire less, never more, than its row alone says.
-        bias = torch.stack((torch.zeros_like(self.bias), self.bias.clamp(max=0)))  # (2,)
+        bias = torch.cat((torch.zeros_like(self.bias), self.bias.clamp(max=0)))  # (2,)
         logits = logits + bias.to(logits.dtype)
         self.router_logits = logits
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, 2), over both experts

@@ -3,9 +3,20 @@
 accelerate handles device placement, bf16 autocast and data-parallel runs under `accelerate launch` /
 `torchrun`; the optimizer is AdamW over the parameters with `requires_grad` only, so frozen tensors have no
 optimizer state. Loss = next-token cross-entropy + LM z-loss + router z-loss (no load-balancing loss).
+
+Speed and memory (issue 7; benchmarks/train_bench.py measures them, benchmarks/NOTES.md has the counts):
+- with bf16, frozen matmul weights are held in bf16 for the run (`frozen_matmul_weights`): autocast would cast
+  them at every use, so the numbers are the same, without the casts and with half their memory;
+- for OLMo-2 / FlexOlmo the LM loss never forms the (tokens, vocab) logits: `ChunkedLMLoss` runs the LM head
+  and cross-entropy + z-loss in chunks and makes the gradients in the same pass;
+- `TrainConfig.compile` compiles each decoder layer (and the loss kernel) with torch.compile; without it the
+  RMSNorms run through torch's fused `F.rms_norm` and the expert FFN through `upcycle.SwiGLUFFN`;
+- no host syncs per step except the loss read every `log_every` steps (and transformers' own mask check).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import math
 import time
@@ -15,12 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.errors import ConfigError
-from flexmoe.model.upcycle import router_z_loss
+from flexmoe.model.upcycle import ExpertMoEBlock, compute_dtype, router_z_loss
+from flexmoe.train import fsdp
 from flexmoe.train.state import TrainState, latest_checkpoint, load_state, save_state
 
 
@@ -84,6 +98,190 @@ def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return (lse - target_logit).mean(), lse.square().mean()
 
 
+LOSS_CHUNK_LOGITS = 2**28  # logits per chunk of `ChunkedLMLoss` (1 GiB in fp32): 4 chunks of 2048 tokens at B2 x 4096
+CHUNKED_LOSS_MODELS = ("Olmo2ForCausalLM", "FlexOlmoForCausalLM")  # logits = lm_head(last hidden state), no bias
+
+
+def loss_chunk(logits: torch.Tensor, targets: torch.Tensor, inv_n: float, z_coef: float, grad: bool):
+    """Sums of cross-entropy and of lse^2 over one chunk of logits (n, V) against targets (n,) and, if `grad`,
+    the gradient of (ce + z_coef * z) / N w.r.t. these logits, softmax * (1 + 2 z_coef lse) / N - onehot / N,
+    in the logits' dtype (what autograd of `lm_losses` would hand the LM head's matmul)."""
+    x = logits.float()  # (n, V)
+    lse = torch.logsumexp(x, dim=-1)  # (n,)
+    target_logit = x.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    ce, z = (lse - target_logit).sum(), lse.square().sum()
+    if not grad:
+        return None, ce, z
+    g = x.sub_(lse[:, None]).exp_().mul_(((1 + 2 * z_coef * lse) * inv_n)[:, None])  # in place: one (n, V) buffer
+    g.scatter_add_(-1, targets[:, None], torch.full_like(lse[:, None], -inv_n))
+    return g.to(logits.dtype), ce, z
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """(ce + z_coef * z, ce, z) of hidden states (N, H) under LM-head weight (V, H) against targets (N,): the same
+    numbers as `lm_losses` on `F.linear(hidden, weight)` under autocast, but the (N, V) logits are made a chunk of
+    `LOSS_CHUNK_LOGITS` at a time and their gradients w.r.t. hidden and weight (when those need them) are made
+    in the same pass, so no logits are kept for backward or recomputed. Matmuls run in `cdt`; the weight's
+    gradient is summed in fp32. ce and z are returned detached, for logging."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_coef: float, cdt: torch.dtype, chunk_fn):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit here; out= skips autocast
+            h, w = hidden.to(cdt), weight.to(cdt)  # (N, H), (V, H)
+            n_tok = h.shape[0]
+            size = -(-n_tok // max(1, -(-n_tok * w.shape[0] // LOSS_CHUNK_LOGITS)))  # equal chunks
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            ce = z = None
+            for s in range(0, n_tok, size):
+                hc = h[s:s + size]  # (n, H)
+                g, c, zz = chunk_fn(F.linear(hc, w), targets[s:s + size], 1.0 / n_tok, z_coef, need_h or need_w)
+                ce, z = (c, zz) if ce is None else (ce + c, z + zz)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[s:s + size])
+                if need_w:
+                    grad_w += g.t().mm(hc)  # (V, H)
+            ce, z = ce / n_tok, z / n_tok
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z_coef * z, ce, z
+
+    @staticmethod
+    def backward(ctx, d_loss, _d_ce, _d_z):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = None if grad_h is None else (grad_h.float() * d_loss).to(grad_h.dtype)
+        dw = None if grad_w is None else grad_w * d_loss
+        return dh, dw, None, None, None, None
+
+
+def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_coef: float,
+            chunk_fn=loss_chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce + z_coef * z, ce, z) of hidden (N, H), LM-head weight (V, H), targets (N,) through `ChunkedLMLoss`."""
+    return ChunkedLMLoss.apply(hidden, weight, targets, z_coef, compute_dtype(hidden), chunk_fn)
+
+
+class CausalLMLoss(nn.Module):
+    """`model` and its training loss as one module, so accelerate's autocast and DDP wrap both:
+    forward(inputs (B, T), targets (B, T)) -> (loss, detached cross-entropy).
+
+    Loss = ce + lm_z * z + router_z * `router_z_loss` (experts only). For `CHUNKED_LOSS_MODELS` the backbone's
+    last hidden state goes through `lm_loss` with the LM head's weight; other models form logits as usual.
+    """
+
+    def __init__(self, model, lm_z: float, router_z: float, chunk_fn=loss_chunk, router_z_fn=router_z_loss):
+        super().__init__()
+        self.model = model
+        self.lm_z, self.router_z, self.chunk_fn = lm_z, router_z, chunk_fn
+        self.router_z_fn = router_z_fn  # model -> router z-loss of its last forward, or None
+        head = model.get_output_embeddings()
+        self.chunked = type(model).__name__ in CHUNKED_LOSS_MODELS and getattr(head, "bias", None) is None
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.chunked:
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+            loss, ce, _ = lm_loss(hidden.flatten(0, 1), self.model.get_output_embeddings().weight,
+                                  targets.flatten(), self.lm_z, self.chunk_fn)
+        else:
+            logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+            ce, z = lm_losses(logits, targets)
+            loss, ce = ce + self.lm_z * z, ce.detach()
+        rz = self.router_z_fn(self.model)
+        if rz is not None:
+            loss = loss + self.router_z * rz
+        return loss, ce
+
+
+def frozen_matmul_weights(model) -> list[nn.Parameter]:
+    """Frozen parameters used only as matmul weights: linear layers (not tied to the embedding) and an expert
+    block's public FFN. Autocast casts these to its dtype at every use; norm weights and embeddings are used in
+    fp32 arithmetic and are not listed."""
+    tied = {id(p) for p in model.get_input_embeddings().parameters()}
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            names = ("weight", "bias")
+        elif isinstance(module, ExpertMoEBlock):
+            names = ExpertMoEBlock.MATMUL_WEIGHTS
+        else:
+            continue
+        for name in names:
+            p = getattr(module, name, None)
+            if isinstance(p, nn.Parameter) and not p.requires_grad and p.is_floating_point() and id(p) not in tied:
+                found[id(p)] = p
+    return list(found.values())
+
+
+def _hold_frozen_in(model, dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """Store `frozen_matmul_weights` in `dtype`; returns what to undo. The run's numbers do not change (autocast
+    would make the same casts); after the run a weight from an fp32 anchor holds its bf16-rounded value."""
+    changed = []
+    for p in frozen_matmul_weights(model):
+        if p.dtype != dtype:
+            changed.append((p, p.dtype))
+            p.data = p.data.to(dtype)
+    return changed
+
+
+RMS_NORMS = ("Olmo2RMSNorm", "FlexOlmoRMSNorm")  # forward: (weight * (x32 * rsqrt(mean(x32^2) + eps))).to(x.dtype)
+
+
+def _fused_rms_forward(norm, hidden_states: torch.Tensor) -> torch.Tensor:
+    # The same formula in fp32 as `Olmo2RMSNorm.forward`, as one op: torch's fused RMSNorm kernel on CUDA
+    # (a forward and a backward kernel instead of ~6 + ~10 elementwise passes over fp32 copies).
+    x = hidden_states.float()  # (..., H)
+    return F.rms_norm(x, norm.weight.shape, norm.weight.float(), norm.variance_epsilon).to(hidden_states.dtype)
+
+
+def _fuse_rms_norms(model) -> Callable[[], None]:
+    """Run OLMo-2's RMSNorms through `F.rms_norm` for this run (eager only: compiled, inductor fuses them
+    itself). An instance-level `forward`, removed by the returned undo."""
+    import functools
+
+    norms = [m for m in model.modules() if type(m).__name__ in RMS_NORMS]
+    for norm in norms:
+        norm.forward = functools.partial(_fused_rms_forward, norm)
+
+    def undo() -> None:
+        for norm in norms:
+            del norm.forward
+
+    return undo
+
+
+def _compile_layers(model) -> Callable[[], None]:
+    """torch.compile every decoder layer in place (parameter names, state dict and checkpointing unchanged);
+    all layers share one compiled graph (a second one for a first layer that needs no input gradient).
+    Returns the undo, so the returned model runs eagerly with any input later."""
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    layers = list(getattr(model, model.base_model_prefix).layers)
+    for layer in layers:
+        layer.compile(dynamic=False)
+    knobs = [
+        # Let the partitioner recompute cheap elementwise results that backward feeds to a matmul (the SwiGLU
+        # product, bf16 weight copies) instead of keeping them from forward to backward: same numbers, less memory.
+        (functorch_config, "ban_recompute_materialized_backward", False),
+        # Under activation checkpointing the only side effect, `ExpertMoEBlock.router_logits`, need not be replayed
+        # by the recompute (it stores the same values); without this, dynamo breaks the graph at the checkpoint.
+        (dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True),
+    ]
+    before = [(mod, name, getattr(mod, name)) for mod, name, _ in knobs if hasattr(mod, name)]
+    for mod, name, value in knobs:
+        if hasattr(mod, name):
+            setattr(mod, name, value)
+
+    def undo() -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set
+        for mod, name, value in before:
+            setattr(mod, name, value)
+
+    return undo
+
+
 def trainable_tensors(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -114,7 +312,7 @@ def _check_identity(saved: dict, current: dict, ckpt: Path) -> None:
 
 def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = None, resume: bool = False,
           identity: dict | None = None, on_step: Callable[[int], None] | None = None, desc: str = "train",
-          progress: bool = True) -> tuple[TrainResult, torch.nn.Module]:
+          progress: bool = True, router_z_fn: Callable | None = None) -> tuple[TrainResult, torch.nn.Module]:
     """Train `model` (its `requires_grad` flags say what) on `data`; returns the result and the unwrapped model.
 
     Args:
@@ -125,18 +323,49 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         resume: continue from the newest checkpoint in `work_dir` (from scratch if there is none).
         identity: what a resumed run must share with the interrupted one (anchor, data, settings).
         on_step: called with the number of steps done after each optimizer step (and its checkpoint).
+        router_z_fn: model -> router z-loss of its last forward, or None (default `router_z_loss`, which knows
+            upcycled expert blocks; router tuning passes its own).
+
+    Under an FSDP2 launch (flexmoe/train/fsdp.py) the returned model holds full trainable tensors, for export.
     """
     accelerator = make_accelerator(cfg)
-    identity = identity or {}
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
+    sharding = fsdp.settings(accelerator)  # an FSDP2 launch (accelerate launch --config_file ...fsdp2.yaml)
+    if sharding is not None and cfg.compile:
+        raise ConfigError("train.compile is not supported under FSDP yet: leave it off")
+    if cfg.compile is None:  # auto: compiled decoder layers measured 1.5x faster on an H100 (benchmarks/NOTES.md)
+        cfg = dataclasses.replace(cfg, compile=accelerator.device.type == "cuda" and sharding is None)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(accelerator.device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  fused=accelerator.device.type == "cuda")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
+    # Under FSDP each unit moves to the device as it is sharded: the whole model need never fit on one device.
+    (model if sharding is not None else model.to(accelerator.device)).train()
+    held = _hold_frozen_in(model, torch.bfloat16) if cfg.bf16 else []
+    restore = _compile_layers(model) if cfg.compile else _fuse_rms_norms(model)
+    try:
+        result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
+                        work_dir=work_dir, resume=resume, identity=identity or {},
+                        on_step=on_step, desc=desc, progress=progress)
+        if sharding is not None:  # the caller exports the trained tensors: gather them (frozen ones stay sharded)
+            fsdp.gather_trainable_(model)
+    finally:  # the caller gets the model back as it gave it: eager, every tensor in its own dtype
+        restore()
+        for p, dtype in held:
+            p.data = p.data.to(dtype)
+    return result, model
+
+
+def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, router_z_fn, work_dir, resume,
+           identity, on_step, desc, progress) -> TrainResult:
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
+    chunk_fn = torch.compile(loss_chunk, dynamic=False) if cfg.compile else loss_chunk
+    model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, chunk_fn, router_z_fn)
+    if sharding is not None:  # FSDP2: shard first, so the optimizer is built over the shards
+        model = fsdp.shard(model, inner, accelerator, sharding, cfg.bf16)
+    optimizer = torch.optim.AdamW(param_groups(inner, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  fused=device.type == "cuda")
+    if sharding is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = list(trainable_tensors(inner).values())
 
     step, position, resumed_from, last_loss = 0, 0, 0, None
@@ -148,23 +377,26 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
             for name, p in trainable_tensors(inner).items():
                 if name not in tensors or tensors[name].shape != p.shape:
                     raise ConfigError(f"cannot resume from {ckpt}: tensor {name} is missing or has another shape")
-                p.copy_(tensors[name])
+                fsdp.copy_full_(p, tensors[name])
         optimizer.load_state_dict(opt_state)
+        fsdp.shard_optimizer_state_(optimizer)
         step, position, resumed_from, last_loss = state.step, state.position, state.step, state.loss
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * data.seq_len
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     losses: list[tuple[int, float]] = []
-    window = torch.zeros((), device=accelerator.device)
+    window = torch.zeros((), device=device)
     window_n = 0
     start_step, t0 = step, time.perf_counter()
 
     def checkpoint(done: int) -> None:
         accelerator.wait_for_everyone()
+        # Full tensors and optimizer state, whatever the sharding; gathering them is a collective under FSDP.
+        tensors, opt_state = fsdp.full_tensors(trainable_tensors(inner)), fsdp.full_optimizer_state(optimizer)
         if main and work_dir is not None:
             state = TrainState(step=done, position=position, seed=cfg.seed, loss=last_loss, identity=identity)
-            save_state(work_dir, state, trainable_tensors(inner), optimizer.state_dict())
+            save_state(work_dir, state, tensors, opt_state)
         accelerator.wait_for_everyone()
 
     while step < cfg.max_steps:
@@ -175,14 +407,10 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
             position += cfg.batch_size * world
             sync = micro == cfg.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(input_ids=inputs.to(accelerator.device), use_cache=False).logits  # (B, T, V)
-                ce, z = lm_losses(logits, targets.to(accelerator.device))
-                loss = ce + cfg.lm_z_loss * z
-                rz = router_z_loss(inner)
-                if rz is not None:
-                    loss = loss + cfg.router_z_loss * rz
+                # Pageable host memory is staged at once, so a non-blocking copy is safe and does not wait for the GPU.
+                loss, ce = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
                 accelerator.backward(loss / cfg.grad_accum)
-            window += ce.detach() / cfg.grad_accum
+            window += ce / cfg.grad_accum
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -204,6 +432,5 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t0
     done = (step - start_step) * tokens_per_step
-    result = TrainResult(steps=step, final_loss=last_loss, tokens=step * tokens_per_step, wall_s=wall,
-                         tokens_per_s=done / wall if wall > 0 else 0.0, resumed_from=resumed_from, losses=losses)
-    return result, inner
+    return TrainResult(steps=step, final_loss=last_loss, tokens=step * tokens_per_step, wall_s=wall,
+                       tokens_per_s=done / wall if wall > 0 else 0.0, resumed_from=resumed_from, losses=losses)

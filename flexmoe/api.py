@@ -115,9 +115,9 @@ def _seq_len(train: TrainConfig, max_positions: int) -> int:
 
 
 def _run_identity(train: TrainConfig, **extra) -> dict:
-    """What a resumed run must share with the interrupted one (steps, logging and device may change)."""
+    """What a resumed run must share with the interrupted one (steps, logging, device and compilation may change)."""
     settings = {k: v for k, v in _dc.asdict(train).items()
-                if k not in ("max_steps", "checkpoint_every", "log_every", "device")}
+                if k not in ("max_steps", "checkpoint_every", "log_every", "device", "compile")}
     return _jsonable({**extra, "train": settings})
 
 
@@ -211,7 +211,7 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
     out = check_output(out, overwrite)
     shape = presets.get(cfg.preset)
     flags = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "lr": cfg.lr,
-             "bf16": cfg.bf16, "checkpoint_every": cfg.checkpoint_every}
+             "bf16": cfg.bf16, "checkpoint_every": cfg.checkpoint_every, "compile": cfg.compile}
     train_cfg = _dc.replace(shape.train, **{k: v for k, v in flags.items() if v is not None}, seed=cfg.seed,
                             device=cfg.device)
     rows = _public_source(cfg.embedder, cfg.public_row)
@@ -470,12 +470,22 @@ def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
 
 
 def load_model(path: str | Path, *, dtype=None, device=None, experts_implementation: str | None = None,
-               apply_bias: bool = True):
-    """`FlexOlmoForCausalLM` from a merged folder, with the expert biases applied (see flexmoe/model/load.py)."""
+               apply_bias: bool = True, fast: bool = False):
+    """`FlexOlmoForCausalLM` from a merged folder, with the expert biases applied (see flexmoe/model/load.py).
+
+    `fast=True` switches to flexmoe's inference path (flexmoe/infer): the registered sort + grouped-GEMM experts
+    kernel, fused norms, and `flexmoe.infer.fast_generate` decoding over a static cache with CUDA graphs and
+    compiled decode steps on CUDA. The checkpoint is unchanged; the model still works with `generate`.
+    """
     from flexmoe.model.load import load_model as _load
 
-    return _load(path, dtype=dtype, device=device, experts_implementation=experts_implementation,
-                 apply_bias=apply_bias)
+    model = _load(path, dtype=dtype, device=device, experts_implementation=experts_implementation,
+                  apply_bias=apply_bias)
+    if fast:
+        from flexmoe.infer import enable_fast_path
+
+        enable_fast_path(model, compile=next(model.parameters()).is_cuda)
+    return model
 
 
 # ---- evaluation verbs: evaluate, generate ----
@@ -570,3 +580,76 @@ def generate(cfg):
     from flexmoe.infer.run import run_generate
 
     return run_generate(cfg)
+
+
+# ---- router tuning verbs: tune_router, select_proxy (flexmoe/tune.py, flexmoe/proxy.py) ----
+
+from flexmoe.config import ProxyConfig, RouterTuneConfig  # noqa: E402
+
+
+@_dc.dataclass
+class TuneResult:
+    path: _Path
+    experts: list[str]  # the owners whose rows and biases were tuned, in router order
+    steps: int
+    final_loss: float | None
+    first_loss: float | None  # mean LM loss of the first of several logging windows of this invocation, else None
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    resumed_from: int = 0
+
+
+def tune_router(cfg: RouterTuneConfig, out: str | _Path, overwrite: bool = False, resume: bool = False, *,
+                on_step: _Callable[[int], None] | None = None, progress: bool = True) -> TuneResult:
+    """Router tuning (FLEXOLMO.md §4): train only the owners' router rows and biases of `cfg.merged` on public proxy
+    data; write the tuned merged checkpoint at `out` (flexmoe/tune.py says why r_pub stays frozen)."""
+    import torch
+
+    from flexmoe import __version__
+    from flexmoe import tune as T
+    from flexmoe.data import load_documents, pack
+    from flexmoe.io.atomic import check_output
+    from flexmoe.model.load import load_model
+    from flexmoe.train.loop import train
+
+    merged = _Path(cfg.merged)
+    if _Path(out).resolve() == merged.resolve():
+        raise _ConfigError(f"--out {out} is the checkpoint being tuned; write the tuned one to a new folder")
+    out = check_output(out, overwrite)
+    names, config, fingerprint = T.check_tunable(merged)
+    docs = load_documents(cfg.data)
+    tokenizer = _load_tokenizer(merged, "merged checkpoint")
+    steps = cfg.train.max_steps
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else min(100, max(1, steps // 10))
+    train_cfg = _dc.replace(cfg.train, seq_len=_seq_len(cfg.train, config.get("max_position_embeddings", 2048)),
+                            warmup_steps=warmup)
+    work = _prepare_work_dir(out, resume, overwrite, train_cfg.device)
+    data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
+    model = load_model(merged, dtype=torch.float32)  # fp32 rows to train; written back in the router's dtype
+    T.make_tunable(model)
+    run = _run_identity(train_cfg, anchor=fingerprint, experts=names, data=summary.to_json())
+    result, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=run, on_step=on_step,
+                          desc="router tuning", progress=progress, router_z_fn=T.tuning_z_loss)
+    if _is_main(train_cfg.device):
+        rows, biases = T.tuned_router(model)
+        record = _jsonable({"steps": result.steps, "final_loss": result.final_loss, "data": summary.to_json(),
+                            "hparams": _dc.asdict(train_cfg), "flexmoe_version": __version__})
+        T.write_tuned(merged, out, rows, biases, record, shard_size=cfg.shard_size, overwrite=overwrite,
+                      progress=progress)
+        _shutil.rmtree(work, ignore_errors=True)
+    _barrier(train_cfg.device)
+    first = result.losses[0][1] if len(result.losses) > 1 else None
+    return TuneResult(path=out, experts=names[1:], steps=result.steps, final_loss=result.final_loss, first_loss=first,
+                      tokens=result.tokens, wall_s=result.wall_s, tokens_per_s=result.tokens_per_s,
+                      resumed_from=result.resumed_from)
+
+
+def select_proxy(cfg: ProxyConfig, out: str | _Path, overwrite: bool = False, *, progress: bool = True):
+    """Write the share `cfg.fraction` of the public documents that a classifier over sentence embeddings finds
+    most like the domain, as `.jsonl` with a `text` field (flexmoe/proxy.py). Returns a `flexmoe.proxy.ProxyResult`."""
+    from flexmoe.io.atomic import check_output
+    from flexmoe.proxy import select_proxy as _select
+
+    out = check_output(out, overwrite)
+    return _select(cfg, out, device=_device(cfg.device), progress=progress)

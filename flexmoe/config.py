@@ -171,8 +171,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     lm_z_loss: float = 1e-5  # coefficient of mean(logsumexp(lm_logits)^2)
     router_z_loss: float = 1e-3  # coefficient of the layer mean of mean(logsumexp(router_logits)^2)
-    bf16: bool = False  # bf16 autocast through accelerate (parameters and optimizer stay fp32)
+    bf16: bool = False  # bf16 autocast; trainable tensors and optimizer stay fp32, frozen matmul weights are kept bf16
     grad_checkpointing: bool = False
+    # torch.compile each decoder layer and the LM-loss kernel (benchmarks/train_bench.py: 1.5x on an H100, ~20 s
+    # to compile). None: on when training on CUDA outside FSDP, off on CPU.
+    compile: bool | None = None
     checkpoint_every: int = 0  # optimizer steps between resume checkpoints; 0: none
     log_every: int = 10
     seed: int = 0  # data order
@@ -226,6 +229,7 @@ class TrainAnchorConfig:
     lr: float | None = None
     bf16: bool | None = None
     checkpoint_every: int | None = None
+    compile: bool | None = None  # None: the preset's (auto: on for CUDA)
     device: Device = Device.AUTO
 
 
@@ -398,3 +402,63 @@ def parse_domain_paths(items: list[str] | tuple[str, ...]) -> dict[str, str]:
             raise ConfigError(f"domain {name.strip()!r} is given twice in --data")
         out[name.strip()] = path.strip()
     return out
+
+
+# ---- configs of router tuning and proxy selection (tune_router, select_proxy) ----
+
+def router_tuning_train() -> TrainConfig:
+    """FlexOlmo's router-tuning settings (FLEXOLMO.md §4): lr 2e-3, weight decay 0.1, router z-loss 1e-3, and a
+    warmup of 100 steps, scaled down for short runs (None: min(100, max_steps // 10))."""
+    return TrainConfig(max_steps=500, lr=2e-3, weight_decay=0.1, warmup_steps=None, router_z_loss=1e-3)
+
+
+@dataclasses.dataclass
+class RouterTuneConfig:
+    """`flexmoe tune-router`: train only the owners' router rows and expert biases of a merged checkpoint (experts,
+    shared layers and the public row r_pub frozen) on public proxy data; the output is a normal merged checkpoint.
+
+    Args:
+        merged: the merged checkpoint to tune (not changed).
+        data: proxy text, e.g. the outputs of `select-proxy` for every domain.
+        train: optimisation settings (defaults: `router_tuning_train`); `train.seq_len` None means the model's
+            context, at most 2048.
+        shard_size: largest output shard (as `merge --shard-size`).
+    """
+
+    merged: Path
+    data: list[Path]
+    train: TrainConfig = dataclasses.field(default_factory=router_tuning_train)
+    shard_size: str = "5GB"
+
+
+@dataclasses.dataclass
+class ProxyConfig:
+    """`flexmoe select-proxy`: the public documents a classifier over sentence embeddings finds most like a domain.
+
+    Args:
+        public: public text to choose from.
+        domain: the domain's text (the positives the classifier learns from; never copied to the output).
+        embedder: a local sentence-transformers folder.
+        fraction: share of the public documents to keep, in (0, 1].
+        num_domain_docs: domain documents sampled to train the classifier (as many public ones are sampled).
+        max_public_docs: score only a seeded sample of this many public documents (None: all of them).
+        seed: the samples above.
+    """
+
+    public: list[Path]
+    domain: list[Path]
+    embedder: Path
+    fraction: float = 0.1
+    num_domain_docs: int = 1000
+    max_public_docs: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+    device: Device = Device.AUTO
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.num_domain_docs < 1 or self.batch_size < 1:
+            raise ConfigError("num_domain_docs and batch_size must be >= 1")
+        if self.max_public_docs is not None and self.max_public_docs < 1:
+            raise ConfigError(f"max_public_docs must be >= 1, got {self.max_public_docs}")

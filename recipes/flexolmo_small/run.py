@@ -113,7 +113,8 @@ def expert_overrides(scale: Scale, anchor: Path, data: Path, dom: str, variant: 
             "train.max_steps": scale.expert_steps, "train.batch_size": scale.batch_size,
             "train.seq_len": scale.seq_len, "train.grad_accum": scale.grad_accum, "train.device": scale.device, "train.bf16": scale.device == "cuda",
             "train.checkpoint_every": 0, "train.warmup_steps": max(1, scale.expert_steps // 10),
-            "mode": "dense" if variant == "dense" else "flexolmo"}
+            # 80-step runs of a small model: ~20 s of compiling would not pay back (and this is what was timed).
+            "train.compile": False, "mode": "dense" if variant == "dense" else "flexolmo"}
     if variant in ("embedding", "dense"):
         over.update({"router.source": "row-file", "router.row_file": str(row)})
     else:
@@ -186,7 +187,8 @@ def main() -> None:
         data=[data / "public" / "train.jsonl"], public_row=rows["public"], preset=scale.preset,
         max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum, seq_len=scale.seq_len,
         seed=args.seed,
-        bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0), run / "anchor", overwrite=True,
+        bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0, compile=False), run / "anchor",
+        overwrite=True,
         progress=False)
     timings["anchor"] = time.perf_counter() - t0
     _release_gpu_memory()  # the expert processes need the memory this one cached while training the anchor

@@ -144,3 +144,21 @@ def test_sampling_falls_back_to_generate():
     torch.manual_seed(0)
     out = fast_generate(model, ids, 4, do_sample=True, top_k=5)
     assert out.shape == (1, ids.shape[1] + 4)
+
+
+def test_load_model_fast_matches_stock_on_a_merged_checkpoint(ckpt, tmp_path):
+    """`flexmoe.load_model(dir, fast=True)` serves a real merged folder (bias applied) exactly like stock eager."""
+    from flexmoe import api
+    from flexmoe.config import MergeConfig
+
+    merged = api.merge(ckpt.anchor, list(ckpt.pkg.values())[:2], tmp_path / "m",
+                       MergeConfig(top_k=2, progress=False)).out
+    reference = api.load_model(merged, experts_implementation="eager")
+    fast = api.load_model(merged, fast=True)
+    assert fast.config._experts_implementation != "eager"
+    ids, mask = _prompts(batch=2, length=10)
+    ids = ids % reference.config.vocab_size
+    ref_tokens, ref_logits = _stock(reference, ids, mask)
+    out = fast._flexmoe_decoder.generate(ids, mask, max_new_tokens=NEW, output_logits=True)
+    assert torch.equal(out.sequences[:, ids.shape[1]:], ref_tokens)
+    torch.testing.assert_close(out.logits, ref_logits, rtol=0, atol=1e-5)

@@ -92,14 +92,15 @@ def report(work: Path) -> None:
     base = rows["one"]["tokens_per_s"]
     print(f"device: {rows['one']['device']}")
     print(f"{'run':8} {'GPUs':>4} {'tok/s':>10} {'scaling':>8} {'peak GiB (rank 0)':>18} {'final loss':>10} "
-          f"{'max |diff| vs 1 GPU':>20}")
+          f"{'max |diff| vs 1 GPU':>20} {'mean |diff|':>12}")
     one = read_package(work / "one")
     for name, row in rows.items():
         pkg = read_package(work / name)
-        diff = max(float((pkg.reader.get(k).float() - one.reader.get(k).float()).abs().max())
-                   for k in one.reader.keys())
+        diffs = [(pkg.reader.get(k).float() - one.reader.get(k).float()).abs() for k in one.reader.keys()]
+        worst = max(float(d.max()) for d in diffs)
+        mean = sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)
         print(f"{name:8} {row['world']:>4} {row['tokens_per_s']:>10,.0f} {row['tokens_per_s'] / base:>7.2f}x "
-              f"{row['peak_gib_rank0']:>18.1f} {row['final_loss']:>10.4f} {diff:>20.3g}")
+              f"{row['peak_gib_rank0']:>18.1f} {row['final_loss']:>10.4f} {worst:>20.3g} {mean:>12.3g}")
     largest = max(float(one.reader.get(k).float().abs().max()) for k in one.reader.keys())
     print(f"(largest |value| in the 1-GPU package: {largest:.3g}; the packages are stored in the anchor's dtype)")
 

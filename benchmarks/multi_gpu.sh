@@ -8,7 +8,8 @@
 #   fsdp2 : 2 GPUs, accelerate launch --config_file recipes/accelerate/fsdp2.yaml
 #   ddp   : 2 GPUs, torchrun
 # and prints steady-state tokens/s (first 5 steps excluded), the scaling against one GPU (goal >= 1.8x) and the
-# largest difference between each expert package and the 1-GPU one. Needs about 3 minutes at preset base.
+# largest and mean difference between each expert package and the 1-GPU one. All three run eagerly
+# (train.compile=false: FSDP does not compile yet), so the scaling compares like with like. About 5 minutes at base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -19,7 +20,7 @@ mkdir -p "$WORK"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" benchmarks/multi_gpu.py setup "$WORK" "$PRESET"
 ARGS=(--anchor "$WORK/anchor" --data "$WORK/data.jsonl" --name bench --router-source random --seq-len 2048
-      --batch-size 4 --bf16 --device cuda --set train.warmup_steps=5 --overwrite)
+      --batch-size 4 --bf16 --device cuda --set train.warmup_steps=5 --set train.compile=false --overwrite)
 rm -rf "$WORK"/one "$WORK"/fsdp2 "$WORK"/ddp "$WORK"/*.json
 
 echo "== 1 GPU"

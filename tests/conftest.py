@@ -187,3 +187,48 @@ class TrainInputs:
 @pytest.fixture(scope="session")
 def train_inputs(tmp_path_factory) -> TrainInputs:
     return TrainInputs(tmp_path_factory.mktemp("train"))
+
+
+# ---- router tuning (tests/test_tune.py, tests/test_proxy.py, tests/cli/test_tune_cli.py) ----
+
+class TuneInputs:
+    """A merged checkpoint of the trained tiny anchor with two random owner experts ("code", "news": random FFNs
+    that hurt, so tuned routers have something to learn), and public proxy text. Tests must not modify them."""
+
+    def __init__(self, root: Path, train_inputs: TrainInputs):
+        from flexmoe import api
+        from flexmoe.config import MergeConfig
+        from flexmoe.testing import build_random_package
+
+        self.root = root
+        self.anchor = train_inputs.anchor
+        self.embedder = train_inputs.embedder
+        self.public, self.code = train_inputs.public, train_inputs.code
+        pkgs = [build_random_package(root / name, self.anchor, name, seed, ffn_std=0.1)
+                for name, seed in (("code", 1), ("news", 2))]
+        self.news_pkg = pkgs[1]
+        self.law_pkg = build_random_package(root / "law", self.anchor, "law", 3, ffn_std=0.1)
+        self.merged = api.merge(self.anchor, pkgs, root / "merged", MergeConfig(progress=False)).out
+
+
+@pytest.fixture(scope="session")
+def tune_inputs(tmp_path_factory, train_inputs) -> TuneInputs:
+    return TuneInputs(tmp_path_factory.mktemp("tune"), train_inputs)
+
+
+@pytest.fixture(scope="session")
+def corpus_writer():
+    """`write_corpus` for tests (conftest is not importable under --import-mode=importlib)."""
+    return write_corpus
+
+
+@pytest.fixture(scope="session")
+def bow_embedder(tmp_path_factory) -> Path:
+    """A sentence-transformers bag-of-words embedder over the synthetic corpora's words: unlike the random BERT of
+    `build_random_embedder`, single documents of different domains get clearly different vectors."""
+    from sentence_transformers import SentenceTransformer, models
+
+    vocab = sorted(set(_PUBLIC_WORDS + _SPEECH_WORDS) | {"def", "if", "return", "x", "y", "z", "a", "b"})
+    out = tmp_path_factory.mktemp("bow") / "embedder"
+    SentenceTransformer(modules=[models.BoW(vocab=vocab)], device="cpu").save(str(out))
+    return out

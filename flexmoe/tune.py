@@ -1,0 +1,153 @@
+"""Router tuning (FlexOlmo "RT", FLEXOLMO.md §4): after merging, train only the owners' router rows and expert
+biases on public proxy data; experts, shared layers and the public row r_pub stay frozen.
+
+Why r_pub stays frozen: the softmax over experts is unchanged when the same vector is added to every row
+(each logit moves by the same h·v), so rows [r_pub; r_1..r_n] and [r_pub + v; r_1 + v; ...] route identically.
+Training r_pub as well adds no routing the owner rows cannot reach; freezing it keeps the merged checkpoint's
+row 0 equal to the anchor's r_pub (byte for byte), which every expert, including one `add`ed later, was trained
+against. The public expert's bias stays 0 as docs/FORMAT.md requires.
+
+The output is a normal merged checkpoint written by streaming: every tensor but the routers is copied as raw
+bytes, in the canonical order and shards of `flexmoe merge`; the tuned rows go into each layer's router, the
+biases into the sidecar, and each owner's entry in `flexmoe.json` gets a `router_tuning` record. So add, remove
+(which drops the expert's tuned row and bias) and extract work on it as on any merged checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io.atomic import atomic_dir
+from flexmoe.io.merged import read_merged, write_merged_files
+from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
+from flexmoe.io.writer import ShardWriter, parse_size
+from flexmoe.model.keys import parse_router_key, router_key
+from flexmoe.model.router import BiasedTopKRouter
+
+RECORD_KEY = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
+
+
+class TunableRouter(BiasedTopKRouter):
+    """Identical to `BiasedTopKRouter` except: its weight is `[public_row; owner_rows]` and its raw bias
+    `[0; owner_bias]`, with the public row frozen and the owners' rows and biases trainable (separate tensors, so
+    the frozen row gets no optimizer state and no weight decay), and the biased logits of the last forward are
+    kept in `router_logits` for the router z-loss.
+    """
+
+    def __init__(self, router: BiasedTopKRouter, config):
+        super().__init__(config)
+        del self.weight, self.expert_bias  # replaced by the split below
+        weight = router.weight.detach()  # (E, H)
+        self.public_row = nn.Parameter(weight[:1].clone(), requires_grad=False)  # (1, H) r_pub
+        self.owner_rows = nn.Parameter(weight[1:].float().clone())  # (E-1, H)
+        self.owner_bias = nn.Parameter(router.expert_bias.detach()[1:].float().clone())  # (E-1,) raw b
+        self.top_k, self.norm_topk_prob = router.top_k, router.norm_topk_prob
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+        weight = torch.cat((self.public_row.to(self.owner_rows.dtype), self.owner_rows))  # (E, H)
+        bias = torch.cat((torch.zeros_like(self.owner_bias[:1]), self.owner_bias.clamp(max=0)))  # (E,)
+        router_logits = F.linear(hidden_states, weight.to(hidden_states.dtype)) + bias.to(hidden_states.dtype)
+        self.router_logits = router_logits  # (T, E)
+        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # over all E experts
+        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k)
+        if self.norm_topk_prob:
+            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
+        return router_logits, router_top_value.to(router_logits.dtype), router_indices
+
+
+def make_tunable(model) -> list[TunableRouter]:
+    """Swap every layer's router of a `load_model`ed merged model for a `TunableRouter`; freeze everything else."""
+    for p in model.parameters():
+        p.requires_grad = False
+    routers = []
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        if not isinstance(gate, BiasedTopKRouter) or gate.num_experts < 2:
+            raise CheckpointError("router tuning needs a merged checkpoint loaded with its biases and at least one "
+                                  "owner expert")
+        layer.mlp.gate = TunableRouter(gate, model.config).to(gate.weight.device)
+        routers.append(layer.mlp.gate)
+    return routers
+
+
+def tuning_z_loss(model) -> torch.Tensor | None:
+    """Layer mean of mean(logsumexp(router_logits)^2) of the last forward (the loop's router z-loss hook)."""
+    terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
+             for m in model.modules() if isinstance(m, TunableRouter) and m.router_logits is not None]
+    return torch.stack(terms).mean() if terms else None
+
+
+@torch.no_grad()
+def tuned_router(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner rows (L, E-1, H) float32, raw owner biases (L, E-1) float32) of a tuned model, on CPU."""
+    routers = [layer.mlp.gate for layer in model.model.layers]
+    if not all(isinstance(r, TunableRouter) for r in routers):
+        raise CheckpointError("model has no tunable routers (see `make_tunable`)")
+    return (torch.stack([r.owner_rows.detach().float().cpu() for r in routers]),
+            torch.stack([r.owner_bias.detach().float().cpu() for r in routers]))
+
+
+def _natural(name: str) -> tuple:
+    # The canonical tensor order of flexmoe/surgery.py: "layers.10" after "layers.9".
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, biases: torch.Tensor, record: dict, *,
+                shard_size: str = "5GB", overwrite: bool = False, progress: bool = True) -> list[str]:
+    """Write `merged_dir` with the owners' router rows and biases replaced, atomically at `out`.
+
+    Args:
+        rows: (L, E-1, H) owner rows; stored in the router's dtype after the untouched public row.
+        biases: (L, E-1) raw owner biases; the public expert's stays 0.
+        record: appended to every owner's `router_tuning` list in flexmoe.json.
+    Returns the shard file names.
+    """
+    m = read_merged(merged_dir)
+    try:
+        L, E, H = m.num_layers, m.num_experts, m.hidden_size
+        if tuple(rows.shape) != (L, E - 1, H) or tuple(biases.shape) != (L, E - 1):
+            raise CheckpointError(f"tuned router of shape {list(rows.shape)} / {list(biases.shape)} does not fit "
+                                  f"{m.path} ({L} layers, {E} experts, hidden {H})")
+        dtype = DTYPE_TO_TORCH[m.dtype]
+        specs = sorted((m.reader.spec(k) for k in m.reader.keys()), key=lambda s: _natural(s.name))
+        experts = [dict(e) for e in m.meta["experts"]]
+        for e in experts[1:]:
+            e[RECORD_KEY] = [*e.get(RECORD_KEY, []), record]
+        meta = {**m.meta, "experts": experts}
+        new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
+        with atomic_dir(out, overwrite) as tmp:
+            with ShardWriter(tmp, [TensorSpec(s.name, s.dtype, s.shape) for s in specs],
+                             max_shard_bytes=parse_size(shard_size)) as w:
+                for s in tqdm(specs, desc="write", unit="tensor", disable=not progress):
+                    layer = parse_router_key(s.name)
+                    if layer is None:
+                        w.copy_from(s.name, m.reader)
+                    else:  # row 0 (r_pub) keeps its bytes; the owners' rows are the tuned ones
+                        w.write(s.name, torch.cat((m.reader.get(router_key(layer))[:1], rows[layer].to(dtype))))
+                shards = w.finalize()
+            write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases)
+    finally:
+        m.close()
+    return shards
+
+
+def check_tunable(merged_dir: Path) -> tuple[list[str], dict, str]:
+    """(expert names, config.json, anchor fingerprint) of a merged checkpoint router tuning can work on; fails
+    fast otherwise."""
+    m = read_merged(merged_dir)
+    try:
+        if m.num_experts < 2:
+            raise ConfigError(f"{merged_dir} has only the public expert: there is no owner row to tune")
+        if m.dtype not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"{merged_dir}: router dtype {m.dtype} is not supported")
+        return m.names, m.config, m.meta["anchor_fingerprint"]
+    finally:
+        m.close()

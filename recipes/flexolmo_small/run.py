@@ -14,12 +14,15 @@ train independently and a small model leaves most of a GPU idle):
    plus the ablation variants (random rows, rows from the anchor's own hidden states) and the
    "no coordination" baseline (a dense fine-tune with nothing frozen, its FFN taken as the expert);
 3. checkpoints: merge, the per-expert 2-expert models, model soup, and opt-out (merged minus each expert);
-4. evaluation: held-out BPB per domain for every row of the table, routing plots; results.json/results.md.
+4. router tuning (FLEXOLMO.md §4): only the owners' router rows and biases, on public documents that a classifier
+   over sentence embeddings finds closest to each domain (selected by prepare.py), then opt-out again;
+5. evaluation: held-out BPB per domain for every row of the table, routing plots; results.json/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.chdir(ROOT)
 
 from flexmoe import api  # noqa: E402
-from flexmoe.config import EvalConfig, MergeConfig, TrainAnchorConfig, load_expert_spec  # noqa: E402
+from flexmoe.config import (EvalConfig, MergeConfig, ProxyConfig, RouterTuneConfig, TrainAnchorConfig,  # noqa: E402
+                            load_expert_spec, router_tuning_train)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from report import opt_out_report, write_results  # noqa: E402
@@ -56,6 +60,7 @@ class Scale:
     parallel: int  # expert trainings at once
     device: str
     grad_accum: int = 1
+    rt_steps: int = 0  # router-tuning steps on public proxy data (0: no RT rows)
 
 
 SCALES = {
@@ -64,14 +69,14 @@ SCALES = {
     # and 3 dense "no coordination" fine-tunes (~18 GB each) still fit in 80 GB.
     "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=400,
                    expert_steps=80, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=400_000, parallel=3,
-                   device="cuda"),
+                   device="cuda", rt_steps=100),
     # A 2-minute GPU check of the whole pipeline at the small shape (timings for planning, not results).
     "probe": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=40,
                    expert_steps=10, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=50_000, parallel=6,
                    device="cuda"),
     # CPU smoke test on the bundled fixtures.
     "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_steps=8, batch_size=4,
-                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu"),
+                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", rt_steps=5),
 }
 VARIANTS = ("embedding", "random", "hidden-mean", "dense")  # expert trainings per domain
 
@@ -80,8 +85,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
-    """Data folder, per-domain train/eval files and router-row files (made here for the tiny scale)."""
+def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path], dict[str, Path], list[Path]]:
+    """Data folder, router-row files, eval files and router-tuning proxy files (made here for the tiny scale)."""
     if scale.device == "cpu":
         data = ROOT / "fixtures"
         rows_dir = run / "rows"
@@ -96,6 +101,12 @@ def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]
             if not (rows_dir / f"{dom}.safetensors").is_file():
                 api.embed_domain(EmbedConfig(data=[data / dom / "train.jsonl"], embedder=embedder, num_docs=64,
                                              device="cpu"), rows_dir / f"{dom}.safetensors", progress=False)
+        proxy_dir = run / "proxy"
+        for dom in scale.domains:
+            if not (proxy_dir / f"{dom}.jsonl").is_file():
+                api.select_proxy(ProxyConfig(public=[data / "public" / "train.jsonl"], domain=[data / dom / "train.jsonl"],
+                                             embedder=embedder, fraction=0.3, device="cpu"),
+                                 proxy_dir / f"{dom}.jsonl", progress=False)
     else:
         carry = Path(args.carry)
         data = run / "data"
@@ -103,8 +114,10 @@ def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]
             with tarfile.open(carry / "data.tar.gz") as tar:
                 tar.extractall(run, filter="data")  # the pack holds data/<domain>/...
         rows_dir = carry / "rows"
+        proxy_dir = carry / "proxy"
     rows = {d: rows_dir / f"{d}.safetensors" for d in ("public", *scale.domains)}
-    return data, rows, {d: data / d / "eval.jsonl" for d in ("public", *scale.domains)}
+    proxies = [proxy_dir / f"{d}.jsonl" for d in scale.domains if (proxy_dir / f"{d}.jsonl").is_file()]
+    return data, rows, {d: data / d / "eval.jsonl" for d in ("public", *scale.domains)}, proxies
 
 
 def expert_overrides(scale: Scale, anchor: Path, data: Path, dom: str, variant: str, row: Path) -> dict:
@@ -178,7 +191,7 @@ def main() -> None:
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
-    data, rows, eval_files = prepare_inputs(args, scale, run)
+    data, rows, eval_files, proxies = prepare_inputs(args, scale, run)
     timings["prepare"] = time.perf_counter() - t0
 
     log(f"anchor: preset {scale.preset}, {scale.anchor_steps} steps")
@@ -219,6 +232,18 @@ def main() -> None:
     optout = {d: api.remove(merged["embedding"], d, ck / f"optout-{d}", quiet).out for d in scale.domains}
     timings["checkpoints"] = time.perf_counter() - t0
 
+    tuned = None
+    if scale.rt_steps and proxies:
+        log(f"router tuning: {scale.rt_steps} steps on {len(proxies)} public proxy sets")
+        t0 = time.perf_counter()
+        rt_train = dataclasses.replace(router_tuning_train(), max_steps=scale.rt_steps, batch_size=scale.batch_size,
+                                       grad_accum=scale.grad_accum, seq_len=scale.seq_len, device=scale.device,
+                                       bf16=scale.device == "cuda", compile=False, checkpoint_every=0)
+        tuned = api.tune_router(RouterTuneConfig(merged=merged["embedding"], data=proxies, train=rt_train),
+                                ck / "merged-rt", overwrite=True, progress=False).path
+        rt_optout = {d: api.remove(tuned, d, ck / f"rt-optout-{d}", quiet).out for d in scale.domains}
+        timings["router_tuning"] = time.perf_counter() - t0
+
     log("evaluation")
     t0 = time.perf_counter()
     domains = {d: str(eval_files[d]) for d in ("public", *scale.domains)}
@@ -248,6 +273,11 @@ def main() -> None:
     rows_out["no coordination"] = ev(merged["dense"], top_k=n + 1)
     for d in scale.domains:
         rows_out[f"opt-out: -{d}"] = ev(optout[d], top_k=n)
+    if tuned is not None:
+        rows_out["FlexOlmo + router tuning, top-2"] = ev(tuned, top_k=2)
+        rows_out["FlexOlmo + router tuning, top-all"] = ev(tuned, top_k=n + 1)
+        for d in scale.domains:
+            rows_out[f"RT opt-out: -{d}"] = ev(rt_optout[d], top_k=n)
     timings["eval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
@@ -265,6 +295,10 @@ def main() -> None:
                         for label, c in cards.items()},
             "timings_s": timings}
     report = opt_out_report(rows_out, scale.domains)
+    if tuned is not None:
+        meta["opt_out_after_router_tuning"] = opt_out_report(rows_out, scale.domains,
+                                                             reference="FlexOlmo + router tuning, top-all",
+                                                             prefix="RT opt-out")
     write_results(out, rows_out, report, meta, ("public", *scale.domains))
     print((out / "results.md").read_text())
     log(f"total {timings['total']:.0f}s; results in {out}")

@@ -326,7 +326,8 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         router_z_fn: model -> router z-loss of its last forward, or None (default `router_z_loss`, which knows
             upcycled expert blocks; router tuning passes its own).
 
-    Under an FSDP2 launch (flexmoe/train/fsdp.py) the returned model holds full trainable tensors, for export.
+    Under an FSDP2 launch (flexmoe/train/fsdp.py) the returned model of the main process holds full trainable
+    tensors (on CPU), for export; frozen tensors stay sharded.
     """
     accelerator = make_accelerator(cfg)
     sharding = fsdp.settings(accelerator)  # an FSDP2 launch (accelerate launch --config_file ...fsdp2.yaml)
@@ -344,8 +345,8 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
                         work_dir=work_dir, resume=resume, identity=identity or {},
                         on_step=on_step, desc=desc, progress=progress)
-        if sharding is not None:  # the caller exports the trained tensors: gather them (frozen ones stay sharded)
-            fsdp.gather_trainable_(model)
+        if sharding is not None:  # the main process exports the trained tensors: gather them there
+            fsdp.gather_trainable_(model, keep=accelerator.is_main_process)
     finally:  # the caller gets the model back as it gave it: eager, every tensor in its own dtype
         restore()
         for p, dtype in held:
@@ -393,7 +394,8 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
     def checkpoint(done: int) -> None:
         accelerator.wait_for_everyone()
         # Full tensors and optimizer state, whatever the sharding; gathering them is a collective under FSDP.
-        tensors, opt_state = fsdp.full_tensors(trainable_tensors(inner)), fsdp.full_optimizer_state(optimizer)
+        tensors = fsdp.full_tensors(trainable_tensors(inner), keep=main)
+        opt_state = fsdp.full_optimizer_state(optimizer, keep=main)
         if main and work_dir is not None:
             state = TrainState(step=done, position=position, seed=cfg.seed, loss=last_loss, identity=identity)
             save_state(work_dir, state, tensors, opt_state)

@@ -35,8 +35,8 @@ from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, Expe
 from flexmoe.io.reader import LazyReader, model_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
-from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
-                                parse_dense_ffn, parse_expert_key, parse_router_key, router_key)
+from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, natural_order, package_bias_key,
+                                package_row_key, parse_dense_ffn, parse_expert_key, parse_router_key, router_key)
 
 
 # ---------------------------------------------------------------- results
@@ -119,11 +119,6 @@ class _Item:
     emit: Callable[[ShardWriter], None]
 
 
-def _natural(name: str) -> tuple:
-    # "layers.10" after "layers.9"; ints and strings never compared with each other.
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
 def _copy(name: str, reader: LazyReader, key: str) -> _Item:
     spec = reader.spec(key)
     return _Item(TensorSpec(name, spec.dtype, spec.shape), lambda w: w.copy_from(name, reader, key))
@@ -136,7 +131,7 @@ def _built(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], tor
 def _stream(out_dir: Path, items: list[_Item], *, max_shard_bytes: int, prefix: str, progress: bool,
             desc: str) -> list[str]:
     """Write `items` in canonical order through one ShardWriter; returns the shard file names."""
-    items = sorted(items, key=lambda it: _natural(it.spec.name))
+    items = sorted(items, key=lambda it: natural_order(it.spec.name))
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
     try:

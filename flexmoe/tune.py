@@ -27,7 +27,7 @@ from flexmoe.io.atomic import atomic_dir
 from flexmoe.io.merged import read_merged, write_merged_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
-from flexmoe.model.keys import parse_router_key, router_key
+from flexmoe.model.keys import natural_order, parse_router_key, router_key
 from flexmoe.model.router import BiasedTopKRouter
 
 RECORD_KEY = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
@@ -95,11 +95,6 @@ def tuned_router(model) -> tuple[torch.Tensor, torch.Tensor]:
             torch.stack([r.owner_bias.detach().float().cpu() for r in routers]))
 
 
-def _natural(name: str) -> tuple:
-    # The canonical tensor order of flexmoe/surgery.py: "layers.10" after "layers.9".
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
 def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, biases: torch.Tensor, record: dict, *,
                 shard_size: str = "5GB", overwrite: bool = False, progress: bool = True) -> list[str]:
     """Write `merged_dir` with the owners' router rows and biases replaced, atomically at `out`.
@@ -117,7 +112,7 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
             raise CheckpointError(f"tuned router of shape {list(rows.shape)} / {list(biases.shape)} does not fit "
                                   f"{m.path} ({L} layers, {E} experts, hidden {H})")
         dtype = DTYPE_TO_TORCH[m.dtype]
-        specs = sorted((m.reader.spec(k) for k in m.reader.keys()), key=lambda s: _natural(s.name))
+        specs = sorted((m.reader.spec(k) for k in m.reader.keys()), key=lambda s: natural_order(s.name))
         experts = [dict(e) for e in m.meta["experts"]]
         for e in experts[1:]:
             e[RECORD_KEY] = [*e.get(RECORD_KEY, []), record]

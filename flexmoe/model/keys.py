@@ -86,3 +86,12 @@ def anchor_view_key(merged_key: str) -> str | None:
     if _ROUTER.match(merged_key):
         return None
     return merged_key
+
+
+def natural_order(name: str) -> tuple:
+    """Sort key of the canonical tensor order of every checkpoint flexmoe writes: "layers.10" after "layers.9".
+
+    Writing in this order makes the shard layout depend only on which tensors are present, so surgery round trips
+    are byte-identical. Ints and strings are never compared with each other.
+    """
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))

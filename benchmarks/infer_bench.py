@@ -184,14 +184,19 @@ def peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEV == "cuda" else None
 
 
-def run_stock(m, impl, xp, x, row, budget, errors):
-    m.set_experts_implementation(impl)
-    peak_reset()
+def measure_prefill(m, xp, row, label, errors) -> None:
+    """Prefill tok/s of a B32 x 512 forward (no cache, last-token logits) into row["prefill"]."""
     try:
         with torch.inference_mode():
             row["prefill"] = round(PB * PS / timed(lambda: m(input_ids=xp, use_cache=False, logits_to_keep=1), 2))
     except Exception as e:
-        row["prefill"] = errors.add(f"{impl} E{row['E']}k{row['k']} prefill", e)
+        row["prefill"] = errors.add(f"{label} E{row['E']}k{row['k']} prefill", e)
+
+
+def run_stock(m, impl, xp, x, row, budget, errors):
+    m.set_experts_implementation(impl)
+    peak_reset()
+    measure_prefill(m, xp, row, impl, errors)
     for b in BATCHES:
         if budget.over():
             row[f"gen_b{b}"] = "skipped (budget)"
@@ -219,11 +224,7 @@ def run_flexmoe(m, experts, compile_, xp, x, row, budget, errors, prefill=True):
     peak_reset()
     dec = enable_fast_path(m, experts=experts, compile=compile_)
     if prefill:
-        try:
-            with torch.inference_mode():
-                row["prefill"] = round(PB * PS / timed(lambda: m(input_ids=xp, use_cache=False, logits_to_keep=1), 2))
-        except Exception as e:
-            row["prefill"] = errors.add(f"{row['impl']} E{row['E']}k{row['k']} prefill", e)
+        measure_prefill(m, xp, row, row["impl"], errors)
     for b in BATCHES:
         if budget.over():
             row[f"gen_b{b}"] = "skipped (budget)"

@@ -15,7 +15,10 @@ train independently and a small model leaves most of a GPU idle):
    "no coordination" baseline (a dense fine-tune with nothing frozen, its FFN taken as the expert);
 3. checkpoints: merge, the per-expert 2-expert models, model soup, and opt-out (merged minus each expert);
 4. router tuning (FLEXOLMO.md §4): only the owners' router rows and biases, on public documents that a classifier
-   over sentence embeddings finds closest to each domain (selected by prepare.py), then opt-out again;
+   over sentence embeddings finds closest to each domain (selected by prepare.py), then opt-out again; and, as a
+   diagnostic the method itself forbids (owners do not pool data), the same tuning with a sample of each owner's
+   training text added to the proxy sets: it tells a tuner that cannot learn routing from a proxy whose public
+   documents hold no code, math or legal text;
 5. evaluation: held-out BPB per domain for every row of the table, routing plots; results.json/results.md.
 """
 
@@ -61,6 +64,7 @@ class Scale:
     device: str
     grad_accum: int = 1
     rt_steps: int = 0  # router-tuning steps on public proxy data (0: no RT rows)
+    rt_owner_bytes: int = 0  # per owner, bytes of its training text added for the oracle RT rows (0: none)
 
 
 SCALES = {
@@ -69,14 +73,14 @@ SCALES = {
     # and 3 dense "no coordination" fine-tunes (~18 GB each) still fit in 80 GB.
     "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=400,
                    expert_steps=80, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=400_000, parallel=3,
-                   device="cuda", rt_steps=100),
+                   device="cuda", rt_steps=100, rt_owner_bytes=800_000),
     # A 2-minute GPU check of the whole pipeline at the small shape (timings for planning, not results).
     "probe": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=40,
                    expert_steps=10, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=50_000, parallel=6,
                    device="cuda"),
     # CPU smoke test on the bundled fixtures.
     "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_steps=8, batch_size=4,
-                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", rt_steps=5),
+                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", rt_steps=5, rt_owner_bytes=4_000),
 }
 VARIANTS = ("embedding", "random", "hidden-mean", "dense")  # expert trainings per domain
 
@@ -164,6 +168,21 @@ def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: 
         return dict(pool.map(one, jobs))
 
 
+def owner_sample(train: Path, out: Path, max_bytes: int) -> Path:
+    """Evenly spaced documents of one owner's training file, about `max_bytes` of JSON lines, into `out`."""
+    lines = [line for line in train.read_text(encoding="utf-8").splitlines() if line.strip()]
+    step = max(1, sum(map(len, lines)) // max(1, max_bytes))
+    picked, size = [], 0
+    for line in lines[::step] + [x for i, x in enumerate(lines) if i % step]:  # evenly spaced first
+        if size >= max_bytes:
+            break
+        picked.append(line)
+        size += len(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    return out
+
+
 def _release_gpu_memory() -> None:
     import gc
 
@@ -232,7 +251,7 @@ def main() -> None:
     optout = {d: api.remove(merged["embedding"], d, ck / f"optout-{d}", quiet).out for d in scale.domains}
     timings["checkpoints"] = time.perf_counter() - t0
 
-    tuned = None
+    tuned = tuned_oracle = None
     if scale.rt_steps and proxies:
         log(f"router tuning: {scale.rt_steps} steps on {len(proxies)} public proxy sets")
         t0 = time.perf_counter()
@@ -242,6 +261,13 @@ def main() -> None:
         tuned = api.tune_router(RouterTuneConfig(merged=merged["embedding"], data=proxies, train=rt_train),
                                 ck / "merged-rt", overwrite=True, progress=False).path
         rt_optout = {d: api.remove(tuned, d, ck / f"rt-optout-{d}", quiet).out for d in scale.domains}
+        if scale.rt_owner_bytes:
+            owners = [owner_sample(data / d / "train.jsonl", run / "rt-owner" / f"{d}.jsonl", scale.rt_owner_bytes)
+                      for d in scale.domains]
+            log(f"router tuning (oracle): proxy sets + {scale.rt_owner_bytes:,} bytes of each owner's text")
+            tuned_oracle = api.tune_router(RouterTuneConfig(merged=merged["embedding"], data=proxies + owners,
+                                                            train=rt_train),
+                                           ck / "merged-rt-oracle", overwrite=True, progress=False).path
         timings["router_tuning"] = time.perf_counter() - t0
 
     log("evaluation")
@@ -278,6 +304,9 @@ def main() -> None:
         rows_out["FlexOlmo + router tuning, top-all"] = ev(tuned, top_k=n + 1)
         for d in scale.domains:
             rows_out[f"RT opt-out: -{d}"] = ev(rt_optout[d], top_k=n)
+    if tuned_oracle is not None:
+        rows_out["router tuning with owners' text (oracle), top-2"] = ev(tuned_oracle, top_k=2)
+        rows_out["router tuning with owners' text (oracle), top-all"] = ev(tuned_oracle, top_k=n + 1)
     timings["eval"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 

@@ -42,7 +42,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
                 "FlexOlmo top-all", "FlexOlmo, no bias", "random router rows", "rows from anchor hidden states",
                 "model soup", "BTM ensemble (all)", "BTM ensemble (top-2)", "no coordination",
                 "opt-out: -code", "opt-out: -speeches", "FlexOlmo + router tuning, top-2",
-                "FlexOlmo + router tuning, top-all", "RT opt-out: -code", "RT opt-out: -speeches"}
+                "FlexOlmo + router tuning, top-all", "RT opt-out: -code", "RT opt-out: -speeches",
+                "router tuning with owners' text (oracle), top-2", "router tuning with owners' text (oracle), top-all"}
     assert set(results["rows"]) == expected
     for row in results["rows"].values():
         assert set(row["bpb"]) == {"public", "code", "speeches"}
@@ -52,6 +53,8 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     assert {"seed", "versions", "timings_s", "anchor", "experts", "opt_out_after_router_tuning"} <= set(results)
     # Router tuning changed the merged model, and opting out after it leaves the same expert alone as before.
     assert results["rows"]["FlexOlmo + router tuning, top-all"] != results["rows"]["FlexOlmo top-all"]
+    oracle = "router tuning with owners' text (oracle), top-all"
+    assert results["rows"][oracle] != results["rows"]["FlexOlmo + router tuning, top-all"]
     assert (out / "results.md").read_text().startswith("# FlexOlmo small-scale reproduction")
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "bpb.png", "routing_code.png", "routing_public.png", "routing_speeches.png"]

@@ -2,7 +2,7 @@
 
     # once, on a CPU machine with network (data + router rows with all-MiniLM-L6-v2):
     python recipes/flexolmo_small/prepare.py                       # -> .carry/flexolmo_small/
-    # on one GPU (an H100: about 8 minutes):
+    # on one GPU (an H200: 8 minutes):
     python recipes/flexolmo_small/run.py --carry .carry/flexolmo_small --out runs/flexolmo_small
     # the tiny CPU smoke version (fixtures, random embedder; what the test suite runs):
     python recipes/flexolmo_small/run.py --scale tiny --out runs/flexolmo_tiny
@@ -170,7 +170,7 @@ def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: 
 
 def owner_sample(train: Path, out: Path, max_bytes: int) -> Path:
     """Evenly spaced documents of one owner's training file, about `max_bytes` of JSON lines, into `out`."""
-    lines = [line for line in train.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in train.read_text(encoding="utf-8").split("\n") if line.strip()]
     step = max(1, sum(map(len, lines)) // max(1, max_bytes))
     picked, size = [], 0
     for line in lines[::step] + [x for i, x in enumerate(lines) if i % step]:  # evenly spaced first

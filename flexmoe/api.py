@@ -206,6 +206,7 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
     from flexmoe import presets
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import atomic_dir, check_output
+    from flexmoe.train import fsdp
     from flexmoe.train.loop import train
 
     out = check_output(out, overwrite)
@@ -252,6 +253,8 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
     if _is_main(cfg.device):
         from flexmoe.model.upcycle import DTYPES
 
+        if fsdp.is_sharded(model):  # FSDP2: every tensor was trained, so every tensor was gathered here
+            model = fsdp.unsharded_copy(model, lambda: Olmo2ForCausalLM(config))
         with atomic_dir(out, overwrite) as tmp:
             model.to(DTYPES[shape.dtype]).save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))

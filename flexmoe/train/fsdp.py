@@ -16,6 +16,7 @@ way the CPU (gloo) test runs the same code as an 8-GPU job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
 
@@ -156,3 +157,24 @@ def gather_trainable_(model: nn.Module, keep: bool = True) -> None:
                 full = _full(p, keep)
                 if keep:
                     module._parameters[name] = nn.Parameter(full, requires_grad=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `fully_shard` was applied to `model` (it changes the class of every module it shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@torch.no_grad()
+def unsharded_copy(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """A plain module from `build()` (called on the meta device) holding `model`'s parameters, after
+    `gather_trainable_` made every one of them full: FSDP's modules cannot be cast or saved as a whole."""
+    with torch.device("meta"):
+        plain = build()
+    params = dict(model.named_parameters())
+    sharded = sorted(name for name, p in params.items() if _is_dtensor(p))
+    if sharded:
+        raise ValueError(f"{len(sharded)} tensors are still sharded (e.g. {sharded[0]}): gather them first")
+    plain.load_state_dict(params, strict=True, assign=True)
+    return plain

@@ -3,6 +3,7 @@ processes, cut after 2 steps and resumed, gives the expert that one process trai
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from flexmoe import api
-from flexmoe.config import Device, TrainConfig, load_expert_spec
+from flexmoe.config import Device, TrainAnchorConfig, TrainConfig, load_expert_spec
 from flexmoe.errors import ConfigError
 from flexmoe.io.package import package_keys, read_package
 
@@ -59,6 +60,28 @@ def test_two_processes_cut_and_resumed_match_one_process(train_inputs, tmp_path)
     for key in package_keys(2):
         torch.testing.assert_close(a.reader.get(key), b.reader.get(key), atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp", "one"]  # no work dir or temp dir left
+
+
+def test_train_anchor_under_fsdp2_matches_one_process(train_inputs, tmp_path):
+    """Every anchor tensor is trained and sharded: the main process saves a plain Olmo2 model of them all."""
+    from safetensors.torch import load_file
+
+    common = ["train-anchor", "--data", train_inputs.public, "--embedder", train_inputs.embedder, "--preset", "tiny",
+              "--max-steps", 3, "--seq-len", 32, "--device", "cpu", "--num-docs", 20]
+    r = launch(FSDP2_YAML, 2, 0, *common, "--batch-size", 2, "--out", tmp_path / "fsdp", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "FSDP::pre_forward" in r.stderr and r.stdout.count("anchor written") == 1
+    cfg = TrainAnchorConfig(data=[train_inputs.public], embedder=train_inputs.embedder, preset="tiny", max_steps=3,
+                            seq_len=32, batch_size=4, num_docs=20, device=Device.CPU)
+    api.train_anchor(cfg, tmp_path / "one", progress=False)
+    config = json.loads((tmp_path / "fsdp" / "config.json").read_text())
+    assert config["architectures"] == ["Olmo2ForCausalLM"]
+    a, b = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp", "one"]
 
 
 @pytest.mark.parametrize("env, message", [

@@ -383,6 +383,8 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     import json
     from dataclasses import asdict
 
+    import torch
+
     from flexmoe import __version__
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import atomic_dir, check_output
@@ -411,7 +413,8 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     # A resumed expert takes r_i from its checkpoint: no need to embed the data again (a dense run never trains it).
     resuming = resume and latest_checkpoint(work) is not None and not dense
     row = anchor.public_row if resuming else make_row(docs, data, device, progress)
-    model = load_dense(anchor) if dense else upcycle(anchor, row, top_k=cfg.train_top_k)
+    model = load_dense(anchor) if dense else upcycle(anchor, row, top_k=cfg.train_top_k,
+                                                     frozen_dtype=torch.bfloat16 if train_cfg.bf16 else None)
     run = _run_identity(train_cfg, anchor=anchor.meta.fingerprint, name=name, data=summary.to_json(),
                         train_top_k=cfg.train_top_k, router=cfg.router.source, mode=cfg.mode)
     result, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=run, on_step=on_step,

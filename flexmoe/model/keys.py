@@ -73,6 +73,15 @@ def is_shared(key: str) -> bool:
     )
 
 
+_MATMUL = re.compile(r"^(model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight|lm_head\.weight)$")
+
+
+def is_matmul_weight(key: str) -> bool:
+    """True for shared tensors used only as matmul weights (attention projections, LM head): not the embedding,
+    whose rows are looked up, nor norms, which act in fp32."""
+    return bool(_MATMUL.match(key))
+
+
 def anchor_view_key(merged_key: str) -> str | None:
     """Name a merged-checkpoint tensor would have in the anchor, or None if it is not an anchor tensor.
 

@@ -15,7 +15,7 @@ from torch import nn
 from flexmoe.errors import CheckpointError
 from flexmoe.io.anchor import Anchor
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import dense_ffn_key, is_shared, package_bias_key, package_row_key
+from flexmoe.model.keys import dense_ffn_key, is_matmul_weight, is_shared, package_bias_key, package_row_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINABLE = ("owner_gate_up", "owner_down", "owner_row", "bias")
@@ -90,12 +90,15 @@ class ExpertMoEBlock(nn.Module):
     MATMUL_WEIGHTS = ("public_gate_up", "public_down", "owner_gate_up", "owner_down")  # used only in matmuls
 
     def __init__(self, *, public_gate_up: torch.Tensor, public_down: torch.Tensor, public_row: torch.Tensor,
-                 owner_row: torch.Tensor, top_k: int, act: str = "silu"):
+                 owner_row: torch.Tensor, top_k: int, act: str = "silu", frozen_dtype: torch.dtype | None = None):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        self.public_gate_up = nn.Parameter(public_gate_up.clone(), requires_grad=False)
-        self.public_down = nn.Parameter(public_down.clone(), requires_grad=False)
+        # The owner's FFN starts as an exact copy; the frozen public FFN may be held in a compute dtype.
+        self.public_gate_up = nn.Parameter(public_gate_up.to(frozen_dtype or public_gate_up.dtype, copy=True),
+                                           requires_grad=False)
+        self.public_down = nn.Parameter(public_down.to(frozen_dtype or public_down.dtype, copy=True),
+                                        requires_grad=False)
         self.owner_gate_up = nn.Parameter(public_gate_up.clone())
         self.owner_down = nn.Parameter(public_down.clone())
         self.public_row = nn.Parameter(public_row.clone(), requires_grad=False)
@@ -148,7 +151,8 @@ def anchor_dtype(anchor: Anchor) -> torch.dtype:
         raise CheckpointError(f"{anchor.path}: unsupported anchor dtype {anchor.meta.dtype!r}") from None
 
 
-def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: torch.dtype = torch.float32):
+def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: torch.dtype = torch.float32,
+            frozen_dtype: torch.dtype | None = None):
     """The owner's training model, on CPU in `dtype`, shared tensors frozen (see `freeze_shared`).
 
     Args:
@@ -156,7 +160,11 @@ def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: t
         owner_row: (hidden,) initial r_i in model space.
         top_k: experts per token while training (1 or 2).
         dtype: parameter dtype for training; frozen tensors are the anchor's values exactly.
+        frozen_dtype: dtype of the frozen tensors used only as matmul weights (attention projections, LM head,
+            public FFN), default `dtype`. bf16 training passes bf16: autocast would cast them at every use anyway,
+            and holding them so from the start halves the model's memory before the first step.
     """
+    held = frozen_dtype or dtype
     from transformers import FlexOlmoForCausalLM, Olmo2Config
 
     olmo2 = Olmo2Config.from_pretrained(anchor.path)
@@ -173,8 +181,11 @@ def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: t
         for i, layer in enumerate(model.model.layers):
             gate, up, down = (reader.get(dense_ffn_key(i, p)).to(dtype) for p in ("gate_proj", "up_proj", "down_proj"))
             layer.mlp = ExpertMoEBlock(public_gate_up=torch.cat((gate, up)), public_down=down, public_row=public_row,
-                                       owner_row=owner_row.to(dtype), top_k=top_k, act=config.hidden_act)
-        shared = {k: reader.get(k).to(dtype) for k in reader.keys() if is_shared(k)}
+                                       owner_row=owner_row.to(dtype), top_k=top_k, act=config.hidden_act,
+                                       frozen_dtype=held)
+        tied = bool(getattr(olmo2, "tie_word_embeddings", False))  # then the LM head is the (looked-up) embedding
+        shared = {k: reader.get(k).to(held if is_matmul_weight(k) and not (tied and k == "lm_head.weight") else dtype)
+                  for k in reader.keys() if is_shared(k)}
     _, unexpected = model.load_state_dict(shared, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"{anchor.path}: tensor {unexpected[0]!r} has no place in an OLMo-2 model")

@@ -141,3 +141,24 @@ def test_ablation_rows_have_the_norm_of_r_pub(anchor, train_inputs):
     assert h.shape == (64,)
     torch.testing.assert_close(h.norm(), anchor.public_row.norm())
     torch.testing.assert_close(h, hidden_mean_row(anchor, data, num_seqs=6, batch_size=3))  # same blocks, any batching
+
+
+def test_frozen_matmul_weights_held_in_bf16_give_the_same_bf16_run(anchor):
+    """bf16 training builds the frozen matmul weights in bf16 at once: the owner's FFN still starts as the exact
+    fp32 anchor FFN, embeddings and norms stay fp32, and under autocast the logits are those of the fp32 build."""
+    row = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    full, held = upcycle(anchor, row), upcycle(anchor, row, frozen_dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.bfloat16} == {
+        n for n, p in held.named_parameters()
+        if n.endswith(("_proj.weight", "public_gate_up", "public_down")) or n == "lm_head.weight"}
+    assert dtypes["model.embed_tokens.weight"] == dtypes["model.norm.weight"] == torch.float32
+    with LazyReader.from_dir(anchor.path) as reader:
+        for i, block in enumerate(expert_blocks(held)):
+            gate, up = (reader.get(dense_ffn_key(i, p)).float() for p in ("gate_proj", "up_proj"))
+            assert torch.equal(block.owner_gate_up, torch.cat((gate, up)))
+            assert block.owner_gate_up.dtype == torch.float32 and block.owner_gate_up.requires_grad
+    _perturb(full), _perturb(held)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = full(_ids()).logits, held(_ids()).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -440,12 +440,14 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
 
 
 # ---- checkpoint verbs: merge, add, remove, extract, inspect, load_model ----
-# Streaming key-level surgery (flexmoe/surgery.py): imports neither transformers nor any training code.
+# Streaming key-level surgery (flexmoe/surgery.py, flexmoe/inspection.py): neither imports transformers nor any
+# training code.
 from pathlib import Path  # noqa: E402
 
 from flexmoe.config import MergeConfig  # noqa: E402
-from flexmoe.surgery import (CheckpointResult, ExpertInfo, ExtractResult, InspectResult,  # noqa: E402,F401
-                             ShardInfo)
+from flexmoe.inspection import ExpertInfo, InspectResult, ShardInfo  # noqa: E402,F401
+from flexmoe.surgery import CheckpointResult, ExtractResult  # noqa: E402,F401
+from flexmoe import inspection as _inspection  # noqa: E402
 from flexmoe import surgery as _surgery  # noqa: E402
 
 
@@ -472,7 +474,7 @@ def extract(merged: str | Path, name: str, out: str | Path, config: MergeConfig 
 
 def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
     """Describe a merged checkpoint, an anchor or an expert package; `verify` recomputes the anchor fingerprint."""
-    return _surgery.inspect(path, verify=verify)
+    return _inspection.inspect(path, verify=verify)
 
 
 def load_model(path: str | Path, *, dtype=None, device=None, experts_implementation: str | None = None,

@@ -1,4 +1,4 @@
-"""Checkpoint surgery: merge, add, remove, extract and inspect, as key-level streaming ops on safetensors.
+"""Checkpoint surgery: merge, add, remove and extract, as key-level streaming ops on safetensors.
 
 Every verb first plans its output: a list of tensors (name, dtype, shape, source). The plan is sorted in one
 canonical order that depends only on the output names, then streamed through a `ShardWriter`. Shared and FFN
@@ -12,7 +12,6 @@ No torch.nn, no transformers, no training code: this module runs where only the 
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,11 +27,11 @@ from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER, AnchorMeta, EmbedderId
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.merged import BIAS_FILE  # noqa: F401  (re-exported: the sidecar's name)
-from flexmoe.io.merged import (DEFAULT_TOP_K, MERGED_META, NO_SHARD_LIMIT, Merged, dump_json, flex_olmo_config,
-                               merged_meta, read_json, read_merged, write_merged_files)
+from flexmoe.io.merged import (DEFAULT_TOP_K, MERGED_META, NO_SHARD_LIMIT, ROUTER_TUNING, Merged, dump_json,
+                               flex_olmo_config, merged_meta, read_json, read_merged, write_merged_files)
 from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, ExpertPackage, package_keys,
                                 read_package, validate_expert_name)
-from flexmoe.io.reader import LazyReader, model_files
+from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
 from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, natural_order, package_bias_key,
@@ -70,43 +69,6 @@ class ExtractResult:
 
     def to_json(self) -> dict:
         return {**asdict(self), "out": str(self.out)}
-
-
-@dataclass
-class ExpertInfo:
-    index: int
-    name: str
-    bytes: int  # FFN bytes of this expert
-    router_source: str | None
-    mean_bias: float | None  # mean over layers of min(b, 0), the bias as applied
-    card: dict | None
-
-
-@dataclass
-class ShardInfo:
-    name: str
-    bytes: int
-    tensors: int
-
-
-@dataclass
-class InspectResult:
-    kind: str  # "merged" | "anchor" | "package"
-    path: Path
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    dtype: str
-    anchor_fingerprint: str | None
-    num_experts: int | None
-    top_k: int | None
-    experts: list[ExpertInfo]
-    shards: list[ShardInfo]
-    total_bytes: int
-    fingerprint_verified: bool | None = None  # None: not checked (pass verify=True)
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "path": str(self.path)}
 
 
 # ---------------------------------------------------------------- streaming core
@@ -211,15 +173,6 @@ def _merged_embedder(merged_dir: Path) -> EmbedderIdentity | None:
         return None
 
 
-def _package_biases(pkg: ExpertPackage, num_layers: int) -> torch.Tensor:
-    return torch.stack([pkg.reader.get(package_bias_key(layer)).float().reshape(()) for layer in range(num_layers)])
-
-
-def _raw_card(pkg: ExpertPackage) -> dict:
-    # Kept verbatim (unknown keys included) so `extract` writes back the owner's exact card.
-    return json.loads((pkg.path / PACKAGE_CARD).read_text())
-
-
 def _open_packages(stack: ExitStack, dirs: list[Path], taken: list[str]) -> list[ExpertPackage]:
     pkgs, names = [], list(taken)
     for d in dirs:
@@ -286,9 +239,9 @@ def merge(anchor_dir: str | Path, expert_dirs: list[str | Path], out: str | Path
 
         items += [_built(router_key(layer), dtype, (num_experts, hidden), lambda layer=layer: router(layer))
                   for layer in range(num_layers)]
-        biases = torch.stack([torch.zeros(num_layers)] + [_package_biases(p, num_layers) for p in pkgs], dim=1)
+        biases = torch.stack([torch.zeros(num_layers)] + [p.biases() for p in pkgs], dim=1)
         meta = merged_meta(fingerprint, top_k, cfg.top_k,
-                            [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": _raw_card(p)} for p in pkgs])
+                            [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": p.raw_card()} for p in pkgs])
         fcfg = flex_olmo_config(acfg, num_experts, top_k)
         with _output(out, cfg.overwrite) as tmp:
             shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=cfg.progress, desc="merge")
@@ -354,8 +307,8 @@ def add(merged_dir: str | Path, expert_dir: str | Path, out: str | Path,
 
         items += [_built(router_key(layer), m.dtype, (e_new + 1, m.hidden_size), lambda layer=layer: router(layer))
                   for layer in range(m.num_layers)]
-        biases = torch.cat([m.biases, _package_biases(pkg, m.num_layers)[:, None]], dim=1)
-        experts = m.meta["experts"] + [{"name": pkg.card.name, "card": _raw_card(pkg)}]
+        biases = torch.cat([m.biases, pkg.biases()[:, None]], dim=1)
+        experts = m.meta["experts"] + [{"name": pkg.card.name, "card": pkg.raw_card()}]
         notes = [] if top_k == before else [f"top-k {before} -> {top_k}"]
         return _edit(m, out, cfg, items=items, experts=experts, biases=biases, top_k=top_k, desc="add", notes=notes,
                      t0=t0)
@@ -420,77 +373,10 @@ def extract(merged_dir: str | Path, name: str, out: str | Path, config: MergeCon
                 for it in tqdm(items, desc="extract", disable=None if cfg.progress else True):
                     it.emit(w)
                 w.finalize()
-            dump_json(tmp / PACKAGE_CARD, m.meta["experts"][j]["card"])
+            entry = m.meta["experts"][j]
+            tuned = {ROUTER_TUNING: entry[ROUTER_TUNING]} if entry.get(ROUTER_TUNING) else {}
+            dump_json(tmp / PACKAGE_CARD, {**entry["card"], **tuned})  # the row and bias say which they are
     finally:
         m.close()
     return ExtractResult(out=out, name=name, num_layers=m.num_layers, total_bytes=sum(s.nbytes for s in specs),
                          anchor_fingerprint=m.meta["anchor_fingerprint"], seconds=time.perf_counter() - t0)
-
-
-# ---------------------------------------------------------------- inspect
-
-def _shard_infos(files: list[Path]) -> list[ShardInfo]:
-    out = []
-    for f in files:
-        with LazyReader.from_file(f) as r:
-            out.append(ShardInfo(name=f.name, bytes=f.stat().st_size, tensors=len(r.keys())))
-    return out
-
-
-def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
-    """Describe a merged checkpoint, an anchor or an expert package. `verify` recomputes the anchor fingerprint."""
-    path = Path(path)
-    if (path / PACKAGE_CARD).is_file():
-        pkg = read_package(path)
-        try:
-            spec = pkg.reader.spec(dense_ffn_key(0, "gate_proj"))
-            ffn = sum(pkg.reader.spec(dense_ffn_key(layer, p)).nbytes for layer in range(pkg.num_layers) for p in FFN_PROJS)
-            bias = _package_biases(pkg, pkg.num_layers).clamp(max=0).mean()
-            info = ExpertInfo(index=1, name=pkg.card.name, bytes=ffn, router_source=pkg.card.router_source,
-                              mean_bias=float(bias), card=_raw_card(pkg))
-            return InspectResult(kind="package", path=path, num_layers=pkg.num_layers, hidden_size=spec.shape[1],
-                                 intermediate_size=spec.shape[0], dtype=spec.dtype,
-                                 anchor_fingerprint=pkg.card.anchor_fingerprint, num_experts=None, top_k=None,
-                                 experts=[info], shards=_shard_infos(pkg.reader.files),
-                                 total_bytes=sum(f.stat().st_size for f in pkg.reader.files))
-        finally:
-            pkg.close()
-    if (path / MERGED_META).is_file():
-        m = read_merged(path)
-        try:
-            spec = m.ffn_spec(0, "gate_proj")
-            experts = []
-            for i, e in enumerate(m.meta["experts"]):
-                size = sum(m.reader.spec(expert_key(layer, i, p)).nbytes for layer in range(m.num_layers) for p in FFN_PROJS)
-                card = e.get("card")
-                experts.append(ExpertInfo(index=i, name=e["name"], bytes=size,
-                                          router_source=card.get("router_source") if card else "anchor",
-                                          mean_bias=float(m.biases[:, i].clamp(max=0).mean()), card=card))
-            files = model_files(path)
-            verified = merged_anchor_fingerprint(path) == m.meta["anchor_fingerprint"] if verify else None
-            return InspectResult(kind="merged", path=path, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                                 intermediate_size=spec.shape[0], dtype=spec.dtype,
-                                 anchor_fingerprint=m.meta["anchor_fingerprint"], num_experts=m.num_experts,
-                                 top_k=int(m.config["num_experts_per_tok"]), experts=experts,
-                                 shards=_shard_infos(files), total_bytes=sum(f.stat().st_size for f in files),
-                                 fingerprint_verified=verified)
-        finally:
-            m.close()
-    if (path / ANCHOR_META).is_file():
-        anchor = read_anchor(path)
-        files = model_files(path)
-        verified = anchor_fingerprint(path) == anchor.meta.fingerprint if verify else None
-        with LazyReader(files) as r:
-            spec = r.spec(dense_ffn_key(0, "gate_proj"))
-            ffn = sum(r.spec(dense_ffn_key(layer, p)).nbytes for layer in range(anchor.meta.num_layers) for p in FFN_PROJS)
-        return InspectResult(kind="anchor", path=path, num_layers=anchor.meta.num_layers,
-                             hidden_size=anchor.meta.hidden_size, intermediate_size=spec.shape[0], dtype=spec.dtype,
-                             anchor_fingerprint=anchor.meta.fingerprint, num_experts=1, top_k=None,
-                             experts=[ExpertInfo(index=0, name=PUBLIC_NAME, bytes=ffn, router_source="anchor",
-                                                 mean_bias=None, card=None)],
-                             shards=_shard_infos(files), total_bytes=sum(f.stat().st_size for f in files),
-                             fingerprint_verified=verified)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
-    raise CheckpointError(f"{path}: not a flexmoe merged checkpoint, anchor or expert package "
-                          f"(no {MERGED_META}, {ANCHOR_META} or {PACKAGE_CARD})")

@@ -24,13 +24,12 @@ from tqdm.auto import tqdm
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.atomic import atomic_dir
-from flexmoe.io.merged import read_merged, write_merged_files
+from flexmoe.io.merged import ROUTER_TUNING, read_merged, write_merged_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
 from flexmoe.model.keys import natural_order, parse_router_key, router_key
 from flexmoe.model.router import BiasedTopKRouter
 
-RECORD_KEY = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
 
 
 class TunableRouter(BiasedTopKRouter):
@@ -115,7 +114,7 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
         specs = sorted((m.reader.spec(k) for k in m.reader.keys()), key=lambda s: natural_order(s.name))
         experts = [dict(e) for e in m.meta["experts"]]
         for e in experts[1:]:
-            e[RECORD_KEY] = [*e.get(RECORD_KEY, []), record]
+            e[ROUTER_TUNING] = [*e.get(ROUTER_TUNING, []), record]
         meta = {**m.meta, "experts": experts}
         new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
         with atomic_dir(out, overwrite) as tmp:

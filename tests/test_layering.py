@@ -11,11 +11,11 @@ FORBIDDEN = ("transformers", "accelerate", "sentence_transformers", "datasets", 
 
 SCRIPT = """
 import json, sys
-from flexmoe import surgery
+from flexmoe import inspection, surgery
 from flexmoe.config import MergeConfig
 anchor, pkg, out = sys.argv[1:4]
 surgery.merge(anchor, [pkg], out, MergeConfig(progress=False))
-surgery.inspect(out, verify=True)
+inspection.inspect(out, verify=True)
 surgery.remove(out, "code", out + "-r", MergeConfig(progress=False))
 from flexmoe.cli import main  # the CLI path too: `flexmoe merge/remove/inspect` import all command modules
 main(["merge", "--anchor", anchor, "--expert", pkg, "--out", out + "-cli", "-q"], standalone_mode=False)

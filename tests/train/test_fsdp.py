@@ -3,6 +3,7 @@ processes, cut after 2 steps and resumed, gives the expert that one process trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -83,6 +84,30 @@ def test_train_anchor_under_fsdp2_matches_one_process(train_inputs, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fsdp", "one"]
 
+
+def test_tune_router_under_fsdp2_matches_one_process(tune_inputs, tmp_path):
+    """Router tuning runs the same loop: under FSDP2 its tuned rows and biases equal a one-process run's."""
+    from flexmoe.config import RouterTuneConfig, router_tuning_train
+    from flexmoe.io.merged import BIAS_FILE
+    from flexmoe.io.reader import LazyReader
+
+    common = ["tune-router", tune_inputs.merged, "--data", tune_inputs.code, "--data", tune_inputs.public,
+              "--max-steps", 4, "--warmup-steps", 1, "--seq-len", 64, "--lr", 1e-2, "--device", "cpu"]
+    r = launch(FSDP2_YAML, 2, 0, *common, "--batch-size", 2, "--out", tmp_path / "fsdp", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "FSDP::pre_forward" in r.stderr
+    train = dataclasses.replace(router_tuning_train(), max_steps=4, warmup_steps=1, seq_len=64, batch_size=4,
+                                lr=1e-2, device=Device.CPU)
+    api.tune_router(RouterTuneConfig(merged=tune_inputs.merged, data=[tune_inputs.code, tune_inputs.public],
+                                     train=train), tmp_path / "one", progress=False)
+    for name in ("model.safetensors", BIAS_FILE):
+        with LazyReader.from_file(tmp_path / "fsdp" / name) as a, LazyReader.from_file(tmp_path / "one" / name) as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                torch.testing.assert_close(a.get(key), b.get(key), atol=1e-5, rtol=1e-4)
+    with LazyReader.from_dir(tune_inputs.merged) as before, LazyReader.from_dir(tmp_path / "one") as after:
+        assert not torch.equal(before.get("model.layers.0.mlp.gate.weight"), after.get("model.layers.0.mlp.gate.weight"))
 
 @pytest.mark.parametrize("env, message", [
     ({"FSDP_VERSION": "1"}, "fsdp_version: 2"),

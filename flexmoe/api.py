@@ -389,8 +389,8 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import atomic_dir, check_output
     from flexmoe.io.package import PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
-    from flexmoe.model.upcycle import (anchor_dtype, export_dense_package_tensors, export_package_tensors,
-                                       load_dense, upcycle)
+    from flexmoe.model.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
+                                       export_package_tensors, fill_expert_, load_dense)
     from flexmoe.train.loop import train
     from flexmoe.train.state import latest_checkpoint
 
@@ -413,12 +413,17 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     # A resumed expert takes r_i from its checkpoint: no need to embed the data again (a dense run never trains it).
     resuming = resume and latest_checkpoint(work) is not None and not dense
     row = anchor.public_row if resuming else make_row(docs, data, device, progress)
-    model = load_dense(anchor) if dense else upcycle(anchor, row, top_k=cfg.train_top_k,
-                                                     frozen_dtype=torch.bfloat16 if train_cfg.bf16 else None)
+    if dense:
+        model, init = load_dense(anchor), None
+    else:  # built on the meta device, filled from the anchor where it trains (one device, or FSDP shards)
+        model = expert_skeleton(anchor, top_k=cfg.train_top_k, frozen_dtype=torch.bfloat16 if train_cfg.bf16 else None)
+
+        def init(placed, put):
+            fill_expert_(placed, anchor, row, put)
     run = _run_identity(train_cfg, anchor=anchor.meta.fingerprint, name=name, data=summary.to_json(),
                         train_top_k=cfg.train_top_k, router=cfg.router.source, mode=cfg.mode)
     result, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=run, on_step=on_step,
-                          desc=f"expert {name}", progress=progress)
+                          desc=f"expert {name}", progress=progress, init=init)
     package_bytes = 0
     if _is_main(cfg.train.device):
         hparams = _jsonable({**asdict(train_cfg), "train_top_k": cfg.train_top_k, "mode": cfg.mode,

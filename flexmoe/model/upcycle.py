@@ -8,6 +8,8 @@ is frozen with `requires_grad=False` and gets no optimizer state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,50 +153,95 @@ def anchor_dtype(anchor: Anchor) -> torch.dtype:
         raise CheckpointError(f"{anchor.path}: unsupported anchor dtype {anchor.meta.dtype!r}") from None
 
 
-def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: torch.dtype = torch.float32,
-            frozen_dtype: torch.dtype | None = None):
-    """The owner's training model, on CPU in `dtype`, shared tensors frozen (see `freeze_shared`).
+def expert_skeleton(anchor: Anchor, *, top_k: int = 2, dtype: torch.dtype = torch.float32,
+                    frozen_dtype: torch.dtype | None = None):
+    """The owner's training model on the meta device: every tensor's name, shape, dtype and `requires_grad`, no
+    data. Once its tensors are allocated (`to_empty` on one device, or sharded by FSDP), `fill_expert_` gives it
+    the anchor's values, so no process ever holds a second, full CPU copy of the model.
 
     Args:
         anchor: a loaded anchor (`flexmoe.io.anchor.read_anchor`).
-        owner_row: (hidden,) initial r_i in model space.
         top_k: experts per token while training (1 or 2).
-        dtype: parameter dtype for training; frozen tensors are the anchor's values exactly.
+        dtype: parameter dtype for training.
         frozen_dtype: dtype of the frozen tensors used only as matmul weights (attention projections, LM head,
             public FFN), default `dtype`. bf16 training passes bf16: autocast would cast them at every use anyway,
-            and holding them so from the start halves the model's memory before the first step.
+            and holding them so from the start halves the model's memory.
     """
-    held = frozen_dtype or dtype
     from transformers import FlexOlmoForCausalLM, Olmo2Config
 
-    olmo2 = Olmo2Config.from_pretrained(anchor.path)
-    config = flex_config(olmo2, top_k)
-    with torch.device("meta"):  # no memory for the fused experts we replace anyway
+    held = frozen_dtype or dtype
+    config = flex_config(Olmo2Config.from_pretrained(anchor.path), top_k)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    with torch.device("meta"):
         model = FlexOlmoForCausalLM(config)
-    src = anchor_dtype(anchor)
-    # r_pub as the merged router holds it (anchor dtype), so both models compute the same logits.
-    public_row = anchor.public_row.to(src).to(dtype)
+        tied = bool(config.tie_word_embeddings)  # then the LM head is the (looked-up) embedding
+        for name, p in model.named_parameters():
+            p.data = p.data.to(held if is_matmul_weight(name) and not (tied and name == "lm_head.weight") else dtype)
+        for layer in model.model.layers:
+            layer.mlp = ExpertMoEBlock(public_gate_up=torch.empty(2 * inter, hidden, dtype=dtype),
+                                       public_down=torch.empty(hidden, inter, dtype=dtype),
+                                       public_row=torch.empty(hidden, dtype=dtype),
+                                       owner_row=torch.empty(hidden, dtype=dtype), top_k=top_k, act=config.hidden_act,
+                                       frozen_dtype=held)
+    freeze_shared(model)
+    return model
+
+
+@torch.no_grad()
+def fill_expert_(model, anchor: Anchor, owner_row: torch.Tensor,
+                 put: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
+    """Give an `expert_skeleton` whose tensors are allocated its starting values: the shared tensors and both FFN
+    halves from the anchor (the owner's an exact copy), r_pub, the owner's row `owner_row` (hidden,) and a zero
+    bias, each cast to its parameter's dtype. `put(param, full_value)` stores one full tensor (default `copy_`;
+    under FSDP a copy of this process's shard). The anchor is read one tensor at a time.
+    """
+    put = put or (lambda p, value: p.copy_(value))
+    config = model.config
     owner_row = owner_row.reshape(-1).float()
     if owner_row.numel() != config.hidden_size:
         raise CheckpointError(f"router row has {owner_row.numel()} numbers, the anchor's hidden size is {config.hidden_size}")
+    tied = bool(config.tie_word_embeddings)
+    if tied:
+        model.tie_weights()  # `to_empty` gives the LM head and the embedding separate storage
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+
+    def fill(name: str, value: torch.Tensor) -> None:
+        put(params[name], value)
+        filled.add(name)
+
+    # r_pub as the merged router holds it (anchor dtype), so both models compute the same logits.
+    public_row = anchor.public_row.to(anchor_dtype(anchor))
     with LazyReader.from_dir(anchor.path) as reader:
-        for i, layer in enumerate(model.model.layers):
-            gate, up, down = (reader.get(dense_ffn_key(i, p)).to(dtype) for p in ("gate_proj", "up_proj", "down_proj"))
-            layer.mlp = ExpertMoEBlock(public_gate_up=torch.cat((gate, up)), public_down=down, public_row=public_row,
-                                       owner_row=owner_row.to(dtype), top_k=top_k, act=config.hidden_act,
-                                       frozen_dtype=held)
-        tied = bool(getattr(olmo2, "tie_word_embeddings", False))  # then the LM head is the (looked-up) embedding
-        shared = {k: reader.get(k).to(held if is_matmul_weight(k) and not (tied and k == "lm_head.weight") else dtype)
-                  for k in reader.keys() if is_shared(k)}
-    _, unexpected = model.load_state_dict(shared, strict=False, assign=True)
-    if unexpected:
-        raise CheckpointError(f"{anchor.path}: tensor {unexpected[0]!r} has no place in an OLMo-2 model")
-    # Non-persistent buffers (RoPE frequencies) were created on the meta device: rebuild them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        for key in reader.keys():
+            if is_shared(key) and not (tied and key == "lm_head.weight"):
+                if key not in params:
+                    raise CheckpointError(f"{anchor.path}: tensor {key!r} has no place in an OLMo-2 model")
+                fill(key, reader.get(key))
+        for i, _ in enumerate(expert_blocks(model)):
+            gate, up, down = (reader.get(dense_ffn_key(i, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+            gate_up, prefix = torch.cat((gate, up)), f"model.layers.{i}.mlp."
+            for half in ("public", "owner"):
+                fill(f"{prefix}{half}_gate_up", gate_up)
+                fill(f"{prefix}{half}_down", down)
+            fill(f"{prefix}public_row", public_row)
+            fill(f"{prefix}owner_row", owner_row)
+            fill(f"{prefix}bias", torch.zeros(1))
+    missing = sorted(set(params) - filled)
     if missing:
         raise CheckpointError(f"{anchor.path}: tensor {missing[0]!r} is missing from the anchor")
-    freeze_shared(model)
+    # Non-persistent buffers (RoPE frequencies) have no values after `to_empty`: rebuild them where the model is.
+    device = params["model.embed_tokens.weight"].device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+
+
+def upcycle(anchor: Anchor, owner_row: torch.Tensor, *, top_k: int = 2, dtype: torch.dtype = torch.float32,
+            frozen_dtype: torch.dtype | None = None):
+    """The owner's training model, on CPU, shared tensors frozen (see `freeze_shared`); arguments as
+    `expert_skeleton` and `fill_expert_`. Frozen tensors are the anchor's values exactly (in `frozen_dtype`)."""
+    model = expert_skeleton(anchor, top_k=top_k, dtype=dtype, frozen_dtype=frozen_dtype)
+    model.to_empty(device="cpu")
+    fill_expert_(model, anchor, owner_row)
     return model
 
 

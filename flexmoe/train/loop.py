@@ -312,11 +312,13 @@ def _check_identity(saved: dict, current: dict, ckpt: Path) -> None:
 
 def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = None, resume: bool = False,
           identity: dict | None = None, on_step: Callable[[int], None] | None = None, desc: str = "train",
-          progress: bool = True, router_z_fn: Callable | None = None) -> tuple[TrainResult, torch.nn.Module]:
+          progress: bool = True, router_z_fn: Callable | None = None,
+          init: Callable[[torch.nn.Module, Callable], None] | None = None) -> tuple[TrainResult, torch.nn.Module]:
     """Train `model` (its `requires_grad` flags say what) on `data`; returns the result and the unwrapped model.
 
     Args:
-        model: an HF causal LM on CPU; `upcycle`d expert models also get the router z-loss.
+        model: an HF causal LM on CPU, or on the meta device with `init`; `upcycle`d expert models also get the
+            router z-loss.
         data: packed blocks of `cfg.seq_len` tokens.
         cfg: optimisation settings; `cfg.max_steps` optimizer steps are run in total.
         work_dir: where resume checkpoints go (every `cfg.checkpoint_every` steps and at the end).
@@ -325,6 +327,9 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         on_step: called with the number of steps done after each optimizer step (and its checkpoint).
         router_z_fn: model -> router z-loss of its last forward, or None (default `router_z_loss`, which knows
             upcycled expert blocks; router tuning passes its own).
+        init: for a `model` on the meta device: called as `init(model, put)` once its tensors are allocated where
+            they train (on the device, or sharded over the processes), to give them their values; `put(param,
+            full_value)` stores one full tensor, sharded or not (`fsdp.copy_full_`).
 
     Under an FSDP2 launch (flexmoe/train/fsdp.py) the returned model of the main process holds full trainable
     tensors (on CPU), for export; frozen tensors stay sharded.
@@ -338,13 +343,16 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Under FSDP each unit moves to the device as it is sharded: the whole model need never fit on one device.
-    (model if sharding is not None else model.to(accelerator.device)).train()
+    if sharding is None and init is not None:  # allocated on the device and filled there, tensor by tensor
+        model.to_empty(device=accelerator.device)
+        init(model, fsdp.copy_full_)
+    (model if sharding is not None or init is not None else model.to(accelerator.device)).train()
     held = _hold_frozen_in(model, torch.bfloat16) if cfg.bf16 else []
     restore = _compile_layers(model) if cfg.compile else _fuse_rms_norms(model)
     try:
         result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
                         work_dir=work_dir, resume=resume, identity=identity or {},
-                        on_step=on_step, desc=desc, progress=progress)
+                        on_step=on_step, desc=desc, progress=progress, init=init if sharding is not None else None)
         if sharding is not None:  # the main process exports the trained tensors: gather them there
             fsdp.gather_trainable_(model, keep=accelerator.is_main_process)
     finally:  # the caller gets the model back as it gave it: eager, every tensor in its own dtype
@@ -355,7 +363,7 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
 
 
 def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, router_z_fn, work_dir, resume,
-           identity, on_step, desc, progress) -> TrainResult:
+           identity, on_step, desc, progress, init=None) -> TrainResult:
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
@@ -363,6 +371,9 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
     model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, chunk_fn, router_z_fn)
     if sharding is not None:  # FSDP2: shard first, so the optimizer is built over the shards
         model = fsdp.shard(model, inner, accelerator, sharding, cfg.bf16)
+        if init is not None:  # a meta model: each process allocates its shards only, then fills them
+            model.to_empty(device=device)
+            init(inner, fsdp.copy_full_)
     optimizer = torch.optim.AdamW(param_groups(inner, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                                   fused=device.type == "cuda")
     if sharding is None:

@@ -162,3 +162,44 @@ def test_frozen_matmul_weights_held_in_bf16_give_the_same_bf16_run(anchor):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         a, b = full(_ids()).logits, held(_ids()).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_skeleton_holds_no_data_and_fill_puts_every_tensor_once(anchor):
+    """What FSDP relies on: the skeleton allocates nothing, and `fill_expert_` hands every parameter its full
+    value exactly once, through `put`, giving the model `upcycle` builds."""
+    from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+
+    skeleton = expert_skeleton(anchor, top_k=2)
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    row = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    skeleton.to_empty(device="cpu")
+    seen = []
+
+    def put(param, value):
+        seen.append(id(param))
+        param.copy_(value)
+
+    fill_expert_(skeleton, anchor, row, put)
+    assert sorted(seen) == sorted(id(p) for p in skeleton.parameters())
+    reference = upcycle(anchor, row, top_k=2)
+    for (name, a), (_, b) in zip(skeleton.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(skeleton.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+
+
+def test_fill_refuses_an_anchor_missing_a_tensor(anchor, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flexmoe.errors import CheckpointError
+    from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+
+    broken = tmp_path / "anchor"
+    shutil.copytree(anchor.path, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    model = expert_skeleton(anchor).to_empty(device="cpu")
+    with pytest.raises(CheckpointError, match="k_proj.weight' is missing from the anchor"):
+        fill_expert_(model, read_anchor(broken), torch.zeros(64))

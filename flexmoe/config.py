@@ -443,6 +443,7 @@ class ProxyConfig:
         num_domain_docs: domain documents sampled to train the classifier (as many public ones are sampled).
         max_public_docs: score only a seeded sample of this many public documents (None: all of them).
         seed: the samples above.
+        max_chunks_per_doc: embedder-length chunks averaged into a document's embedding (as for router rows).
     """
 
     public: list[Path]
@@ -454,11 +455,12 @@ class ProxyConfig:
     seed: int = 0
     batch_size: int = 32
     device: Device = Device.AUTO
+    max_chunks_per_doc: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.num_domain_docs < 1 or self.batch_size < 1:
-            raise ConfigError("num_domain_docs and batch_size must be >= 1")
+        if self.num_domain_docs < 1 or self.batch_size < 1 or self.max_chunks_per_doc < 1:
+            raise ConfigError("num_domain_docs, batch_size and max_chunks_per_doc must be >= 1")
         if self.max_public_docs is not None and self.max_public_docs < 1:
             raise ConfigError(f"max_public_docs must be >= 1, got {self.max_public_docs}")

@@ -114,6 +114,30 @@ def _chunks(text: str, tokenizer, max_tokens: int, max_chunks: int) -> list[str]
     return [text[offsets[s][0]:offsets[min(s + max_tokens, len(offsets)) - 1][1]] for s in starts]
 
 
+def document_embeddings(docs: Sequence[str], embedder, *, batch_size: int = 32, max_chunks_per_doc: int = 8,
+                        progress: bool = True) -> tuple[torch.Tensor, int]:
+    """((N, dim) float64 embedding of each document, chunks embedded): a document's embedding is the mean of its
+    unit-normalised chunk embeddings, chunks of the embedder's maximum length spread evenly over the document.
+    `embedder` is a loaded `SentenceTransformer` (`load_embedder`)."""
+    tokenizer = embedder.tokenizer
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 2
+    max_tokens = max(8, int(embedder.max_seq_length or 512) - special)
+    chunks: list[str] = []
+    owner: list[int] = []
+    for d, text in enumerate(docs):
+        # A tokenizer that is not a transformers one (a bag-of-words module) has no length limit to chunk by.
+        pieces = _chunks(text, tokenizer, max_tokens, max_chunks_per_doc) if callable(tokenizer) else [text]
+        chunks += pieces
+        owner += [d] * len(pieces)
+    with torch.inference_mode():
+        emb = embedder.encode(chunks, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                              show_progress_bar=progress)  # (num_chunks, dim)
+    emb = emb.double().cpu()
+    index = torch.tensor(owner)
+    per_doc = torch.zeros(len(docs), emb.shape[1], dtype=torch.float64).index_add_(0, index, emb)
+    return per_doc / torch.bincount(index, minlength=len(docs)).unsqueeze(1), len(chunks)
+
+
 def mean_embedding(docs: Sequence[str], embedder_path: str | Path, *, num_docs: int = 1000, seed: int = 0,
                    batch_size: int = 32, max_chunks_per_doc: int = 8, device: str = "cpu",
                    progress: bool = True) -> MeanEmbedding:
@@ -123,23 +147,10 @@ def mean_embedding(docs: Sequence[str], embedder_path: str | Path, *, num_docs: 
     if num_docs < 1:
         raise ConfigError(f"num_docs must be >= 1, got {num_docs}")
     model = load_embedder(embedder_path, device)
-    tokenizer = model.tokenizer
-    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 2
-    max_tokens = max(8, int(model.max_seq_length) - special)
     pick = torch.randperm(len(docs), generator=torch.Generator().manual_seed(seed))[:num_docs].tolist()
-    chunks: list[str] = []
-    owner: list[int] = []
-    for d, i in enumerate(pick):
-        pieces = _chunks(docs[i], tokenizer, max_tokens, max_chunks_per_doc)
-        chunks += pieces
-        owner += [d] * len(pieces)
-    with torch.inference_mode():
-        emb = model.encode(chunks, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=progress)  # (num_chunks, dim)
-    emb = emb.double().cpu()
-    per_doc = torch.zeros(len(pick), emb.shape[1], dtype=torch.float64).index_add_(0, torch.tensor(owner), emb)
-    per_doc /= torch.bincount(torch.tensor(owner), minlength=len(pick)).unsqueeze(1)  # (docs, dim)
-    return MeanEmbedding(row=per_doc.mean(0).float(), num_docs=len(pick), num_chunks=len(chunks), seed=seed)
+    per_doc, num_chunks = document_embeddings([docs[i] for i in pick], model, batch_size=batch_size,
+                                              max_chunks_per_doc=max_chunks_per_doc, progress=progress)
+    return MeanEmbedding(row=per_doc.mean(0).float(), num_docs=len(pick), num_chunks=num_chunks, seed=seed)
 
 
 def write_row_file(path: str | Path, emb: MeanEmbedding, identity: EmbedderIdentity) -> Path:

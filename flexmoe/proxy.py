@@ -5,8 +5,9 @@ sample of each; every public candidate is then scored, and the share `fraction` 
 Run it once per domain and give all outputs to `tune-router`: the proxy data stands in for the owners' data,
 which router tuning never sees.
 
-Each document is embedded from its first `max_seq_length` embedder tokens (sentence-transformers truncates),
-unit-normalised. The classifier starts from zeros and is fitted full-batch in float64 by L-BFGS for a fixed
+Each document is embedded as router rows are (`flexmoe.embed.document_embeddings`): the mean of its unit-normalised
+chunk embeddings, up to `max_chunks_per_doc` chunks of the embedder's maximum length spread over the document, so
+a long document is judged by more than its opening. The classifier starts from zeros and is fitted full-batch in float64 by L-BFGS for a fixed
 number of iterations, with balanced class weights and a small L2 penalty, so the same inputs give the same choice.
 """
 
@@ -16,13 +17,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from flexmoe.config import ProxyConfig
 from flexmoe.data import load_documents
-from flexmoe.embed import load_embedder
+from flexmoe.embed import document_embeddings, load_embedder
 from flexmoe.errors import ConfigError, DataError
 from flexmoe.io.atomic import atomic_write_text
 
@@ -42,16 +42,6 @@ class ProxyResult:
 
     def to_json(self) -> dict:
         return {**self.__dict__, "path": str(self.path)}
-
-
-def embed_texts(texts: Sequence[str], embedder: str | Path, *, batch_size: int = 32, device: str = "cpu",
-                progress: bool = True) -> torch.Tensor:
-    """(N, dim) float64 unit-norm embeddings of `texts` (each from its first `max_seq_length` tokens)."""
-    model = load_embedder(embedder, device)
-    with torch.inference_mode():
-        emb = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=progress)
-    return emb.double().cpu()
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +86,8 @@ def select_proxy(cfg: ProxyConfig, out: str | Path, *, device: str = "cpu", prog
     dom_pick = torch.randperm(len(domain.texts), generator=g)[:cfg.num_domain_docs]
     neg_pick = torch.randperm(len(candidates), generator=g)[:len(dom_pick)]  # positions within `candidates`
     texts = [public.texts[i] for i in candidates.tolist()] + [domain.texts[i] for i in dom_pick.tolist()]
-    emb = embed_texts(texts, cfg.embedder, batch_size=cfg.batch_size, device=device, progress=progress)
+    emb, _ = document_embeddings(texts, load_embedder(cfg.embedder, device), batch_size=cfg.batch_size,
+                                 max_chunks_per_doc=cfg.max_chunks_per_doc, progress=progress)
     pub_emb, dom_emb = emb[:len(candidates)], emb[len(candidates):]  # (P, dim), (D, dim)
 
     x = torch.cat((dom_emb, pub_emb[neg_pick]))

@@ -53,8 +53,8 @@ def build_random_embedder(out_dir: str | Path, *, dim: int = 32, seed: int = 0, 
     frags = ["the", "and", "def", "self", "return", "import", "of", "to", "in", "that", "is", "for", "shall",
              "lord", "god", "state", "nation", "congress", "class", "if", "else", "print", "law", "license"]
     vocab = specials + chars + ["##" + c for c in chars] + frags + ["##" + f for f in frags]
-    (work / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(work / "vocab.txt"), do_lower_case=True)
+    # transformers v5 takes the vocabulary itself (`vocab`); a `vocab_file` is ignored, leaving only the specials.
+    tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(dict.fromkeys(vocab))}, do_lower_case=True)
     torch.manual_seed(seed)
     bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=dim, num_hidden_layers=2,
                                 num_attention_heads=2, intermediate_size=2 * dim,

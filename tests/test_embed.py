@@ -59,3 +59,18 @@ def test_row_file_round_trip(train_inputs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["code.row.safetensors"]  # no temp file left
     with pytest.raises(CheckpointError, match="not a router-row file"):
         read_row_file(train_inputs.anchor / "flexmoe_router.safetensors")
+
+
+def test_a_document_is_judged_by_all_its_chunks_not_its_opening(train_inputs):
+    """select-proxy and router rows share `document_embeddings`: text past the embedder's length counts."""
+    from flexmoe.embed import document_embeddings, load_embedder
+
+    model = load_embedder(train_inputs.embedder)
+    opening = " ".join(["the lord said"] * 60)  # past the 128-token limit on its own
+    a, b = opening + " " + " ".join(["def x return y"] * 60), opening + " " + " ".join(["and it was good"] * 60)
+    (emb, chunks) = document_embeddings([a, b, opening], model, progress=False)
+    assert chunks >= 6 and len(model.tokenizer) > 100
+    assert not torch.allclose(emb[0], emb[1])  # same opening, different rest: different documents
+    first_only = model.encode([a[:200]], convert_to_tensor=True, normalize_embeddings=True).double()[0]
+    assert not torch.allclose(emb[0], first_only)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(3, dtype=torch.float64), atol=0.2)  # means of unit vectors

@@ -343,16 +343,18 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Under FSDP each unit moves to the device as it is sharded: the whole model need never fit on one device.
-    if sharding is None and init is not None:  # allocated on the device and filled there, tensor by tensor
+    if sharding is None and init is None:
+        model.to(accelerator.device)
+    elif sharding is None:  # a meta model: allocated on the device and filled there, tensor by tensor
         model.to_empty(device=accelerator.device)
         init(model, fsdp.copy_full_)
-    (model if sharding is not None or init is not None else model.to(accelerator.device)).train()
+    model.train()
     held = _hold_frozen_in(model, torch.bfloat16) if cfg.bf16 else []
     restore = _compile_layers(model) if cfg.compile else _fuse_rms_norms(model)
     try:
         result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
                         work_dir=work_dir, resume=resume, identity=identity or {},
-                        on_step=on_step, desc=desc, progress=progress, init=init if sharding is not None else None)
+                        on_step=on_step, desc=desc, progress=progress, init=init)
         if sharding is not None:  # the main process exports the trained tensors: gather them there
             fsdp.gather_trainable_(model, keep=accelerator.is_main_process)
     finally:  # the caller gets the model back as it gave it: eager, every tensor in its own dtype

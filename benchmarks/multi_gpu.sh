@@ -20,7 +20,8 @@ mkdir -p "$WORK"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" benchmarks/multi_gpu.py setup "$WORK" "$PRESET"
 ARGS=(--anchor "$WORK/anchor" --data "$WORK/data.jsonl" --name bench --router-source random --seq-len 2048
-      --batch-size 4 --bf16 --device cuda --set train.warmup_steps=5 --set train.compile=false --overwrite)
+      --batch-size 4 --bf16 --device cuda --set train.warmup_steps=5 --set train.compile=false --overwrite
+      --public-data "$WORK/data.jsonl")  # the default router training: a quarter of each batch public
 rm -rf "$WORK"/one "$WORK"/fsdp2 "$WORK"/ddp "$WORK"/*.json
 
 echo "== 1 GPU"

@@ -34,7 +34,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from flexmoe import api, presets
-    from flexmoe.config import Device, ExpertSpec, TrainAnchorConfig, TrainConfig
+    from flexmoe.config import Device, ExpertSpec, RouterTraining, TrainAnchorConfig, TrainConfig
     from flexmoe.testing import build_random_embedder
 
     public = ROOT / "fixtures/public/train.jsonl"
@@ -51,6 +51,7 @@ def main() -> None:
             rows.setdefault("dense anchor (all params)", []).append(anchor.tokens_per_s)
             for k in (2, 1):
                 spec = ExpertSpec(name="code", data=[code], anchor=tmp / "anchor", embedder=emb, train_top_k=k,
+                                  router_training=RouterTraining(public_data=[public]),
                                   train=TrainConfig(max_steps=args.steps, batch_size=tiny.batch_size,
                                                     seq_len=tiny.seq_len, lr=1e-3, device=Device.CPU))
                 res = api.train_expert(spec, tmp / f"code{k}", overwrite=True, progress=False)

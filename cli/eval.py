@@ -27,9 +27,11 @@ from flexmoe.cli import main
 @click.option("--ensemble", "ensemble", multiple=True, type=click.Path(path_type=Path), metavar="MODEL",
               help="Mix MODEL with these models BTM-style (weights = posterior of the prefix). Repeatable.")
 @click.option("--ensemble-top-k", type=int, help="Mix only the K most probable ensemble members per token.")
+@click.option("--ensemble-prefix", type=int,
+              help="Weight ensemble members by the likelihood of only the last N tokens (default: the whole window).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file or --plots directory.")
 def eval_cmd(model, data, json_out, plots, no_bias, top_k, max_bytes, seq_len, batch_size, device, bf16,
-             experts_impl, ensemble, ensemble_top_k, overwrite):
+             experts_impl, ensemble, ensemble_top_k, ensemble_prefix, overwrite):
     """Bits per byte of MODEL on each domain's held-out text, plus routing statistics for MoE models.
 
     MODEL is a dense anchor, a 2-expert model or a merged checkpoint. Per domain, documents (capped at
@@ -53,7 +55,7 @@ def eval_cmd(model, data, json_out, plots, no_bias, top_k, max_bytes, seq_len, b
     cfg = EvalConfig(model=model, data=parse_domain_paths(data), seq_len=seq_len, batch_size=batch_size,
                      max_bytes=None if max_bytes is None else parse_size(max_bytes), device=device, bf16=bf16,
                      bias=not no_bias, top_k=k, experts_implementation=experts_impl,
-                     ensemble=list(ensemble), ensemble_top_k=ensemble_top_k,
+                     ensemble=list(ensemble), ensemble_top_k=ensemble_top_k, ensemble_prefix=ensemble_prefix,
                      json_out=json_out, plots=plots, overwrite=overwrite)
     result = api.evaluate(cfg)
     click.echo(f"{'domain':<16} {'bpb':>8} {'tokens':>12} {'bytes':>12}")

@@ -130,6 +130,12 @@ def embed_domain(data, embedder, out, num_docs, seed, batch_size, device, overwr
 @click.option("--batch-size", type=int, help="Sequences per process and micro-step.")
 @click.option("--grad-accum", type=int, help="Micro-steps per optimizer step.")
 @click.option("--seq-len", type=int)
+@click.option("--public-data", type=_PATH, multiple=True,
+              help="Public text mixed into every batch (repeatable; the default router training needs it: the "
+                   "anchor's public corpus).")
+@click.option("--public-ratio", type=float, help="Share of each batch's sequences taken from --public-data (0.25).")
+@click.option("--paper-router", is_flag=True,
+              help="Train the router as the paper does: owner text only, bias min(b, 0) with its plain gradient.")
 @click.option("--train-top-k", type=click.IntRange(1, 2), help="Experts per token while training (1 or 2).")
 @click.option("--mode", type=click.Choice([m.value for m in ExpertMode]),
               help="flexolmo (default) or dense: the no-coordination baseline (whole anchor fine-tuned).")
@@ -142,26 +148,33 @@ def embed_domain(data, embedder, out, num_docs, seed, batch_size, device, overwr
 @click.option("--device", type=click.Choice([d.value for d in Device]), help="auto, cpu or cuda.")
 @_OVERWRITE
 def train_expert(config, anchor, data, name, out, embedder, router_row, router_source, max_steps, lr, batch_size,
-                 grad_accum, seq_len, train_top_k, mode, dotted, bf16, checkpoint_every, seed, resume, device,
-                 overwrite):
+                 grad_accum, seq_len, public_data, public_ratio, paper_router, train_top_k, mode, dotted, bf16,
+                 checkpoint_every, seed, resume, device, overwrite):
     """Train one data owner's expert against a frozen anchor; writes an expert package.
 
     Only the owner FFN, its router row and expert bias are trained; the package holds just those.
+    By default a quarter of every batch is public text (--public-data): the router row then learns
+    where the public expert is better, and the bias is kept <= 0 by projection (docs/router.md).
+    --paper-router trains on owner text alone, as the paper does.
 
     \b
     Examples:
       flexmoe train-expert --config experts/demo/code.yaml --anchor runs/demo/anchor --out runs/demo/code
       flexmoe train-expert --anchor runs/anchor --data my_docs/ --name law --out runs/law \\
-          --router-row runs/law.row.safetensors --max-steps 500 --bf16
+          --public-data data/public/train.jsonl --router-row runs/law.row.safetensors --max-steps 500 --bf16
     """
     if router_row is not None and router_source is None:
         router_source = RouterSource.ROW_FILE.value
+    if paper_router and public_ratio:
+        raise click.ClickException("--paper-router trains on owner text only: leave out --public-ratio")
+    paper = {"router_training.public_ratio": 0.0, "router_training.bias": "clamp"} if paper_router else {}
     spec = load_expert_spec(config, {
+        "router_training.public_data": list(public_data) or None, "router_training.public_ratio": public_ratio,
         "name": name, "anchor": anchor, "data": list(data) or None, "embedder": embedder,
         "router.source": router_source, "router.row_file": router_row, "train_top_k": train_top_k, "mode": mode,
         "train.max_steps": max_steps, "train.lr": lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
         "train.seq_len": seq_len, "train.bf16": bf16, "train.checkpoint_every": checkpoint_every,
-        "train.seed": seed, "train.device": device}, list(dotted))
+        "train.seed": seed, "train.device": device, **paper}, list(dotted))
     r = api.train_expert(spec, out, overwrite, resume)
     _say(f"expert {r.name!r} written to {r.path} ({r.package_bytes / 2**20:.1f} MiB, {r.steps} steps, "
          f"loss {_loss(r.final_loss)}, {r.tokens_per_s:,.0f} tok/s)")

@@ -377,6 +377,50 @@ def _router_row(cfg: ExpertSpec, anchor):
         anchor, data, num_seqs=router.num_docs, batch_size=cfg.train.batch_size, device=device), None
 
 
+def _public_mix(cfg: ExpertSpec, tokenizer, train_cfg, *, dense: bool, progress: bool):
+    """(`PublicMix` | None, summary of the public text packed | None) for `cfg.router_training`.
+
+    Only as much public text is tokenized as the run draws (plus one block), so a large public corpus costs
+    nothing extra. A dense (no-coordination) run has no router: it takes none.
+    """
+    from flexmoe.config import PublicLoss
+    from flexmoe.data import load_documents, pack
+    from flexmoe.train.loop import PublicMix
+
+    rt = cfg.router_training
+    rows = rt.public_rows(train_cfg.batch_size)
+    if dense or rows == 0:
+        return None, None
+    seq = train_cfg.seq_len
+    need = (train_cfg.max_steps * train_cfg.grad_accum * _state(train_cfg.device).num_processes * rows + 1) * seq + 1
+    data, summary = pack(load_documents(rt.public_data), tokenizer, seq, seed=train_cfg.seed + 1, max_tokens=need,
+                         progress=progress)
+    return PublicMix(data=data, rows=rows, router_only=rt.public_loss == PublicLoss.ROUTER,
+                     route_loss=rt.public_route_loss), summary
+
+
+def _check_router_training(rt, batch_size: int, *, dense: bool) -> None:
+    """Refuse, before any slow work, a router training that cannot run as asked."""
+    if dense or rt.public_ratio == 0:
+        return
+    if not rt.public_data:
+        raise _ConfigError(f"router_training.public_ratio is {rt.public_ratio}, but no public text was given: pass "
+                           "--public-data PATH (the anchor's public corpus), or --paper-router to train on owner "
+                           "text only as the paper does")
+    if batch_size < 2:
+        raise _ConfigError(f"a batch of {batch_size} sequence leaves no room for public text: use --batch-size 2 "
+                           "or more, or --paper-router")
+
+
+def _router_training_record(rt, public_summary, *, dense: bool) -> dict:
+    """What the card and the resume identity say of `RouterTraining` (files by name: they may move)."""
+    if dense:
+        return {"mode": "dense (no router)"}
+    return {"public_ratio": rt.public_ratio if public_summary is not None else 0.0,
+            "public_loss": rt.public_loss.value, "public_route_loss": rt.public_route_loss, "bias": rt.bias.value,
+            "public_data": None if public_summary is None else public_summary.to_json()}
+
+
 def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, resume: bool = False, *,
                  on_step: _Callable[[int], None] | None = None, progress: bool = True) -> ExpertResult:
     """Train one data owner's expert against a frozen anchor; write its package (docs/FORMAT.md) at `out`."""
@@ -389,8 +433,9 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import atomic_dir, check_output
     from flexmoe.io.package import PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
+    from flexmoe.config import BiasUpdate
     from flexmoe.model.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
-                                       export_package_tensors, fill_expert_, load_dense)
+                                       export_package_tensors, fill_expert_, load_dense, project_biases_)
     from flexmoe.train.loop import train
     from flexmoe.train.state import latest_checkpoint
 
@@ -404,12 +449,14 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     make_row, identity = _router_row(cfg, anchor)
     device = _device(cfg.train.device)
     docs = load_documents(cfg.data)
+    _check_router_training(cfg.router_training, cfg.train.batch_size, dense=cfg.mode == ExpertMode.DENSE)
     tokenizer = _load_tokenizer(anchor.path, "anchor")
     max_positions = json.loads((anchor.path / "config.json").read_text()).get("max_position_embeddings", 2048)
     train_cfg = _dc.replace(cfg.train, seq_len=_seq_len(cfg.train, max_positions))
     work = _prepare_work_dir(out, resume, overwrite, cfg.train.device)
     data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
     dense = cfg.mode == ExpertMode.DENSE
+    public, public_summary = _public_mix(cfg, tokenizer, train_cfg, dense=dense, progress=progress)
     # A resumed expert takes r_i from its checkpoint: no need to embed the data again (a dense run never trains it).
     resuming = resume and latest_checkpoint(work) is not None and not dense
     row = anchor.public_row if resuming else make_row(docs, data, device, progress)
@@ -420,14 +467,19 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
 
         def init(placed, put):
             fill_expert_(placed, anchor, row, put)
+    router_training = _router_training_record(cfg.router_training, public_summary, dense=dense)
     run = _run_identity(train_cfg, anchor=anchor.meta.fingerprint, name=name, data=summary.to_json(),
-                        train_top_k=cfg.train_top_k, router=cfg.router.source, mode=cfg.mode)
+                        train_top_k=cfg.train_top_k, router=cfg.router.source, mode=cfg.mode,
+                        router_training=router_training)
+    project = not dense and cfg.router_training.bias == BiasUpdate.PROJECT
     result, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=run, on_step=on_step,
-                          desc=f"expert {name}", progress=progress, init=init)
+                          desc=f"expert {name}", progress=progress, init=init, public=public,
+                          after_step=project_biases_ if project else None)
     package_bytes = 0
     if _is_main(cfg.train.device):
         hparams = _jsonable({**asdict(train_cfg), "train_top_k": cfg.train_top_k, "mode": cfg.mode,
-                             "router": {"num_docs": cfg.router.num_docs, "seed": cfg.router.seed}})
+                             "router": {"num_docs": cfg.router.num_docs, "seed": cfg.router.seed},
+                             "router_training": router_training})
         card = ExpertCard(name=name, anchor_fingerprint=anchor.meta.fingerprint,
                           embedder=None if identity is None else asdict(identity),
                           router_source=cfg.router.source.value, data=summary.to_json(), hparams=hparams,

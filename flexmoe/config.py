@@ -270,6 +270,56 @@ class RouterInit:
     seed: int = 0  # document sample (embedding) or the Gaussian draw (random)
 
 
+class BiasUpdate(str, enum.Enum):
+    """How the expert bias b (applied as logits[owner] += min(b, 0)) is optimised."""
+
+    CLAMP = "clamp"  # paper: plain gradient of min(b, 0); once b > 0 it gets no gradient and stays dead
+    PROJECT = "project"  # extension: the same forward, b projected back onto b <= 0 after every optimizer step
+
+
+class PublicLoss(str, enum.Enum):
+    """What the public sequences mixed into an owner's batches train (extension; issue 13)."""
+
+    ROUTER = "router"  # only the router row and bias: the owner FFN sees owner text alone
+    FULL = "full"  # every trainable tensor, the owner FFN too
+
+
+@dataclasses.dataclass
+class RouterTraining:
+    """How the owner's router row and bias learn while its expert trains.
+
+    The paper trains them on the owner's text only; each row then learns to beat r_pub on *all* text (hidden
+    states share one dominant direction) and the bias is pushed above 0, where min(b, 0) has no gradient
+    (docs/router.md). The default (extension, chosen by the ablation in docs/router.md) mixes public text into
+    every micro-batch: `public_ratio` of its sequences come from `public_data` (the anchor's public corpus: public,
+    so the privacy promise holds) and train like the owner's (`public_loss: full`), which gives each row the
+    negatives it needs; the bias is kept <= 0 by projection, so it stays trainable. `paper()` is the paper.
+    """
+
+    public_data: list[Path] = dataclasses.field(default_factory=list)
+    public_ratio: float = 0.25  # share of each micro-batch's sequences drawn from public_data; 0: owner text only
+    public_loss: PublicLoss = PublicLoss.FULL
+    public_route_loss: float = 0.0  # coefficient of mean(-log p_public) on the public tokens; 0: none
+    bias: BiasUpdate = BiasUpdate.PROJECT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.public_ratio < 1:
+            raise ConfigError(f"router_training.public_ratio must be in [0, 1), got {self.public_ratio}")
+        if self.public_route_loss < 0:
+            raise ConfigError(f"router_training.public_route_loss must be >= 0, got {self.public_route_loss}")
+
+    @classmethod
+    def paper(cls) -> "RouterTraining":
+        """FLEXOLMO.md §2: owner text only, bias min(b, 0) with its plain gradient."""
+        return cls(public_ratio=0.0, bias=BiasUpdate.CLAMP)
+
+    def public_rows(self, batch_size: int) -> int:
+        """Public sequences in a micro-batch of `batch_size`: at least 1 when the ratio is > 0, at most all but one."""
+        if self.public_ratio == 0:
+            return 0
+        return min(batch_size - 1, max(1, round(batch_size * self.public_ratio)))
+
+
 class ExpertMode(str, enum.Enum):
     FLEXOLMO = "flexolmo"  # the method: shared layers, public FFN and r_pub frozen
     DENSE = "dense"  # "no coordination" baseline (FLEXOLMO.md §6): fine-tune the whole dense anchor, keep its FFN
@@ -287,6 +337,7 @@ class ExpertSpec:
     anchor: Path | None = None
     embedder: Path | None = None  # needed for router.source = embedding
     router: RouterInit = dataclasses.field(default_factory=RouterInit)
+    router_training: RouterTraining = dataclasses.field(default_factory=RouterTraining)
     train_top_k: int = 2  # 2: soft mix of public and owner FFN (the paper's scripts); 1: argmax (released code)
     mode: ExpertMode = ExpertMode.FLEXOLMO
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -367,6 +418,7 @@ class EvalConfig:
     ensemble: list[Path] = dataclasses.field(default_factory=list)
     ensemble_top_k: int | None = None
     ensemble_priors: list[float] | None = None
+    ensemble_prefix: int | None = None  # tokens of the sliding prefix whose likelihood weights the members
     json_out: Path | None = None
     plots: Path | None = None
     overwrite: bool = False

@@ -37,6 +37,7 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
         paths = [cfg.model, *cfg.ensemble]
         scorer, tokenizer = load_ensemble(paths, bias=cfg.bias, device=device, bf16=cfg.bf16,
                                           priors=cfg.ensemble_priors, top_k=cfg.ensemble_top_k,
+                                          prefix=cfg.ensemble_prefix,
                                           experts_implementation=cfg.experts_implementation)
         name = "ensemble(" + ", ".join(str(p) for p in paths) + ")"
     else:

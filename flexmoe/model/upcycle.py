@@ -77,8 +77,10 @@ class ExpertMoEBlock(nn.Module):
     """Identical in function to transformers' `FlexOlmoSparseMoeBlock` with 2 experts, router weight
     [r_pub; r_i] and the expert bias b added to the owner's logit as min(b, 0), except: public and owner
     tensors are separate parameters, both experts run on every token (no host sync; top-1 masks the loser's
-    weight to 0), the router logits of the last forward are kept in `router_logits` for the z-loss, and a
-    SiLU FFN runs through `SwiGLUFFN` (same numbers, leaner backward).
+    weight to 0), the router logits of the last forward are kept in `router_logits` for the z-loss, a
+    SiLU FFN runs through `SwiGLUFFN` (same numbers, leaner backward), and the last `public_tokens` tokens of
+    a batch may be public text (`RouterTraining`): with `detach_public` the owner FFN's output there is
+    detached, so only the router row and bias learn from them.
 
     Args:
         public_gate_up: (2I, H) the anchor FFN's [gate_proj; up_proj], frozen; the owner's starts as a copy.
@@ -111,6 +113,9 @@ class ExpertMoEBlock(nn.Module):
         self.act_fn = ACT2FN[act]
         self.silu = act == "silu"  # OLMo-2's; other activations take the plain autograd path
         self.router_logits: torch.Tensor | None = None
+        # Constants per run (Python values, so compiled layers see one setting): see the class docstring.
+        self.public_tokens = 0
+        self.detach_public = False
 
     def _ffn(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         # One fused gate/up matmul, chunked like transformers' FlexOlmoExperts so the numbers match.
@@ -133,7 +138,13 @@ class ExpertMoEBlock(nn.Module):
             probs = torch.cat((probs[:, :1] * ~owner_wins, probs[:, 1:] * owner_wins), dim=-1)
         weights = probs.to(logits.dtype)  # (N, 2), not renormalised
         out = self._ffn(h, self.public_gate_up, self.public_down) * weights[:, :1]
-        out = out + self._ffn(h, self.owner_gate_up, self.owner_down) * weights[:, 1:]
+        owner = self._ffn(h, self.owner_gate_up, self.owner_down)  # (N, H)
+        if self.public_tokens and self.detach_public:
+            # Public tokens: the router still sees what the owner FFN would give (its weight's gradient needs the
+            # value), but the FFN gets no gradient from them, so it stays the owner's specialist.
+            n = owner.shape[0] - self.public_tokens
+            owner = torch.cat((owner[:n], owner[n:].detach()))
+        out = out + owner * weights[:, 1:]
         return out.reshape(B, T, H)
 
 
@@ -306,10 +317,29 @@ def import_package_tensors(model, tensors) -> None:
         block.bias.copy_(tensors[package_bias_key(i)].reshape(()))
 
 
+@torch.no_grad()
+def project_biases_(model) -> None:
+    """Put every expert bias back onto b <= 0 (`BiasUpdate.PROJECT`, after each optimizer step): the forward's
+    min(b, 0) then never has a flat side, so the bias stays trainable in both directions."""
+    for block in expert_blocks(model):
+        block.bias.clamp_(max=0)
+
+
 def router_z_loss(model) -> torch.Tensor | None:
     """Layer mean of mean(logsumexp(router_logits)^2) from the last forward; None for a dense model."""
     terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
              for m in model.modules() if isinstance(m, ExpertMoEBlock) and m.router_logits is not None]
+    return torch.stack(terms).mean() if terms else None
+
+
+def public_route_loss(model) -> torch.Tensor | None:
+    """Layer mean of mean(-log p_public) over the public tokens of the last forward (`RouterTraining.
+    public_route_loss`): the router is told outright that public text belongs to the public expert."""
+    terms = []
+    for m in model.modules():
+        if isinstance(m, ExpertMoEBlock) and m.public_tokens and m.router_logits is not None:
+            logits = m.router_logits[-m.public_tokens:].float()  # (N_pub, 2)
+            terms.append((torch.logsumexp(logits, dim=-1) - logits[:, 0]).mean())
     return torch.stack(terms).mean() if terms else None
 
 

@@ -33,9 +33,24 @@ from tqdm.auto import tqdm
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.errors import ConfigError
-from flexmoe.model.upcycle import ExpertMoEBlock, compute_dtype, router_z_loss
+from flexmoe.model.upcycle import ExpertMoEBlock, compute_dtype, public_route_loss, router_z_loss
 from flexmoe.train import fsdp
 from flexmoe.train.state import TrainState, latest_checkpoint, load_state, save_state
+
+
+@dataclass(frozen=True)
+class PublicMix:
+    """Public sequences in every micro-batch of an expert's training (`config.RouterTraining`).
+
+    Each micro-batch is `cfg.batch_size` sequences: `rows` from `data` (public text) after the owner's
+    `cfg.batch_size - rows`; with `router_only` only the router row and bias learn from the public ones, and
+    `route_loss` > 0 adds that coefficient times `public_route_loss` (mean -log p_public on them).
+    """
+
+    data: PackedData
+    rows: int
+    router_only: bool
+    route_loss: float = 0.0  # coefficient of `upcycle.public_route_loss`
 
 
 @dataclass
@@ -169,10 +184,11 @@ class CausalLMLoss(nn.Module):
     last hidden state goes through `lm_loss` with the LM head's weight; other models form logits as usual.
     """
 
-    def __init__(self, model, lm_z: float, router_z: float, chunk_fn=loss_chunk, router_z_fn=router_z_loss):
+    def __init__(self, model, lm_z: float, router_z: float, chunk_fn=loss_chunk, router_z_fn=router_z_loss,
+                 route: float = 0.0):
         super().__init__()
         self.model = model
-        self.lm_z, self.router_z, self.chunk_fn = lm_z, router_z, chunk_fn
+        self.lm_z, self.router_z, self.chunk_fn, self.route = lm_z, router_z, chunk_fn, route
         self.router_z_fn = router_z_fn  # model -> router z-loss of its last forward, or None
         head = model.get_output_embeddings()
         self.chunked = type(model).__name__ in CHUNKED_LOSS_MODELS and getattr(head, "bias", None) is None
@@ -190,6 +206,8 @@ class CausalLMLoss(nn.Module):
         rz = self.router_z_fn(self.model)
         if rz is not None:
             loss = loss + self.router_z * rz
+        if self.route:
+            loss = loss + self.route * public_route_loss(self.model)
         return loss, ce
 
 
@@ -313,7 +331,8 @@ def _check_identity(saved: dict, current: dict, ckpt: Path) -> None:
 def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = None, resume: bool = False,
           identity: dict | None = None, on_step: Callable[[int], None] | None = None, desc: str = "train",
           progress: bool = True, router_z_fn: Callable | None = None,
-          init: Callable[[torch.nn.Module, Callable], None] | None = None) -> tuple[TrainResult, torch.nn.Module]:
+          init: Callable[[torch.nn.Module, Callable], None] | None = None, public: PublicMix | None = None,
+          after_step: Callable[[torch.nn.Module], None] | None = None) -> tuple[TrainResult, torch.nn.Module]:
     """Train `model` (its `requires_grad` flags say what) on `data`; returns the result and the unwrapped model.
 
     Args:
@@ -330,6 +349,8 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         init: for a `model` on the meta device: called as `init(model, put)` once its tensors are allocated where
             they train (on the device, or sharded over the processes), to give them their values; `put(param,
             full_value)` stores one full tensor, sharded or not (`fsdp.copy_full_`).
+        public: public sequences mixed into every micro-batch (expert models only), see `PublicMix`.
+        after_step: called with the unwrapped model after every optimizer step (e.g. `project_biases_`).
 
     Under an FSDP2 launch (flexmoe/train/fsdp.py) the returned model of the main process holds full trainable
     tensors (on CPU), for export; frozen tensors stay sharded.
@@ -349,28 +370,40 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         model.to_empty(device=accelerator.device)
         init(model, fsdp.copy_full_)
     model.train()
+    if public is not None and not 1 <= public.rows < cfg.batch_size:
+        raise ConfigError(f"{public.rows} public sequences do not fit a micro-batch of {cfg.batch_size}: "
+                          "raise train.batch_size or lower router_training.public_ratio")
+    blocks = [m for m in model.modules() if isinstance(m, ExpertMoEBlock)]
+    for block in blocks:  # before compiling: the compiled layers take these constants
+        block.public_tokens = public.rows * data.seq_len if public is not None else 0
+        block.detach_public = public is not None and public.router_only
     held = _hold_frozen_in(model, torch.bfloat16) if cfg.bf16 else []
     restore = _compile_layers(model) if cfg.compile else _fuse_rms_norms(model)
     try:
         result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
                         work_dir=work_dir, resume=resume, identity=identity or {},
-                        on_step=on_step, desc=desc, progress=progress, init=init)
+                        on_step=on_step, desc=desc, progress=progress, init=init, public=public,
+                        after_step=after_step)
         if sharding is not None:  # the main process exports the trained tensors: gather them there
             fsdp.gather_trainable_(model, keep=accelerator.is_main_process)
     finally:  # the caller gets the model back as it gave it: eager, every tensor in its own dtype
         restore()
+        for block in blocks:
+            block.public_tokens, block.detach_public = 0, False
         for p, dtype in held:
             p.data = p.data.to(dtype)
     return result, model
 
 
 def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, router_z_fn, work_dir, resume,
-           identity, on_step, desc, progress, init=None) -> TrainResult:
+           identity, on_step, desc, progress, init=None, public: PublicMix | None = None,
+           after_step=None) -> TrainResult:
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     chunk_fn = torch.compile(loss_chunk, dynamic=False) if cfg.compile else loss_chunk
-    model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, chunk_fn, router_z_fn)
+    model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, chunk_fn, router_z_fn,
+                         route=public.route_loss if public is not None else 0.0)
     if sharding is not None:  # FSDP2: shard first, so the optimizer is built over the shards
         model = fsdp.shard(model, inner, accelerator, sharding, cfg.bf16)
         if init is not None:  # a meta model: each process allocates its shards only, then fills them
@@ -396,6 +429,7 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
         fsdp.shard_optimizer_state_(optimizer)
         step, position, resumed_from, last_loss = state.step, state.position, state.step, state.loss
 
+    own_rows = cfg.batch_size - (public.rows if public is not None else 0)  # owner sequences per micro-batch
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * data.seq_len
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not (main and progress),
                dynamic_ncols=True)
@@ -418,8 +452,12 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         for micro in range(cfg.grad_accum):
-            inputs, targets = data.batch(position + rank * cfg.batch_size, cfg.batch_size)  # (B, T) each
-            position += cfg.batch_size * world
+            inputs, targets = data.batch(position + rank * own_rows, own_rows)  # (B_own, T) each
+            position += own_rows * world
+            if public is not None:  # a fixed share of every micro-batch, so its place follows from the step
+                at = ((step * cfg.grad_accum + micro) * world + rank) * public.rows
+                pub_in, pub_tg = public.data.batch(at, public.rows)  # (B_pub, T) each, last: see router_only
+                inputs, targets = torch.cat((inputs, pub_in)), torch.cat((targets, pub_tg))
             sync = micro == cfg.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 # Pageable host memory is staged at once, so a non-blocking copy is safe and does not wait for the GPU.
@@ -429,6 +467,8 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
         accelerator.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(inner)
         step += 1
         window_n += 1
         bar.update(1)

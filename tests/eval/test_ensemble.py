@@ -77,3 +77,30 @@ def test_bad_ensemble_settings(members):
         Ensemble([dense, dense], priors=[1.0])
     with pytest.raises(ConfigError, match="top-k"):
         Ensemble([dense], top_k=2)
+
+
+class _Fixed:
+    """A scorer that returns fixed per-token log-probs, whatever the input."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, probs: list[float]):
+        self.lp = torch.tensor([probs]).log()
+
+    def __call__(self, input_ids, attention_mask, targets):
+        return self.lp
+
+
+def test_short_prefix_weights_members_by_the_last_tokens_only():
+    a, b = _Fixed([0.5, 0.5, 0.5, 0.9, 0.9, 0.9]), _Fixed([0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
+    x = torch.zeros(1, 6, dtype=torch.long)
+    whole = Ensemble([a, b])(x, None, x).exp()[0]
+    one = Ensemble([a, b], prefix=1)(x, None, x).exp()[0]
+    # At t=4 the last token (t=3) alone says a: weights 0.9 / 0.1 -> 0.9 * 0.9 + 0.1 * 0.1.
+    assert one[4].item() == pytest.approx(0.82, abs=1e-4)
+    # The whole-window posterior still remembers b's good start there.
+    assert whole[4].item() < 0.6
+    # A prefix as long as the window changes nothing.
+    assert torch.allclose(Ensemble([a, b], prefix=6)(x, None, x).exp()[0], whole)
+    with pytest.raises(ConfigError, match="prefix"):
+        Ensemble([a], prefix=0)

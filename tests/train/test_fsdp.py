@@ -43,7 +43,9 @@ def launch(config: Path, nproc: int, *args: str, cwd: Path, env: dict | None = N
 def test_two_processes_cut_and_resumed_match_one_process(train_inputs, tmp_path):
     common = ["train-expert", "--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code",
               "--router-source", "random", "--max-steps", 4, "--seq-len", 32, "--device", "cpu",
-              "--checkpoint-every", 2, "--set", "train.warmup_steps=1"]
+              "--checkpoint-every", 2, "--set", "train.warmup_steps=1",
+              # half of each batch public: 1 + 1 sequences per process give the one-process batch of 2 + 2
+              "--public-data", train_inputs.public, "--public-ratio", 0.5]
     r = launch(FSDP2_YAML, 2, 2, *common, "--batch-size", 2, "--out", tmp_path / "fsdp", cwd=tmp_path,
                env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -53,7 +55,9 @@ def test_two_processes_cut_and_resumed_match_one_process(train_inputs, tmp_path)
 
     spec = load_expert_spec(None, {"name": "code", "anchor": train_inputs.anchor, "data": [train_inputs.code],
                                    "router.source": "random", "train.max_steps": 4, "train.seq_len": 32,
-                                   "train.batch_size": 4, "train.warmup_steps": 1, "train.device": "cpu"})
+                                   "train.batch_size": 4, "train.warmup_steps": 1, "train.device": "cpu",
+                                   "router_training.public_data": [train_inputs.public],
+                                   "router_training.public_ratio": 0.5})
     api.train_expert(spec, tmp_path / "one", progress=False)
     a, b = read_package(tmp_path / "fsdp"), read_package(tmp_path / "one")
     assert (a.card.steps, a.card.hparams["batch_size"]) == (4, 2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexmoe import api
-from flexmoe.config import Device, ExpertSpec, RouterInit, RouterSource, TrainConfig
+from flexmoe.config import Device, ExpertSpec, RouterInit, RouterSource, RouterTraining, TrainConfig
 from flexmoe.errors import OutputExistsError
 from flexmoe.io.anchor import read_anchor
 from flexmoe.io.fingerprint import anchor_fingerprint
@@ -27,7 +27,8 @@ def _cfg(**kw) -> TrainConfig:
 
 def _spec(train_inputs, **kw) -> ExpertSpec:
     base = dict(name="code", data=[train_inputs.code], anchor=train_inputs.anchor, embedder=train_inputs.embedder,
-                router=RouterInit(source=RouterSource.RANDOM), train=_cfg())
+                router=RouterInit(source=RouterSource.RANDOM), router_training=RouterTraining(
+                    public_data=[train_inputs.public]), train=_cfg())
     return ExpertSpec(**{**base, **kw})
 
 

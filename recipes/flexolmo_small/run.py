@@ -1,52 +1,50 @@
-"""Small-scale FlexOlmo reproduction on real data, in one command (FLEXOLMO.md §5-6, issue 6).
+"""Small-scale FlexOlmo reproduction on real data (FLEXOLMO.md §5-6; issues 6 and 13).
 
-    # once, on a CPU machine with network (data + router rows with all-MiniLM-L6-v2):
+    # once, on a CPU machine with network (data, broad public corpus, router rows with all-MiniLM-L6-v2):
     python recipes/flexolmo_small/prepare.py                       # -> .carry/flexolmo_small/
-    # on one GPU (an H200: 8 minutes):
-    python recipes/flexolmo_small/run.py --carry .carry/flexolmo_small --out runs/flexolmo_small
+    # on one GPU, in two calls of under 5 minutes each on an H200 (or --stage all in one):
+    python recipes/flexolmo_small/run.py --stage train --carry .carry/flexolmo_small
+    python recipes/flexolmo_small/run.py --stage eval --out runs/flexolmo_small
+    # the ablation that chose train-expert's router training (docs/router.md):
+    python recipes/flexolmo_small/run.py --variants public-router,paper,default,public-route,clamp --seeds 1
     # the tiny CPU smoke version (fixtures, random embedder; what the test suite runs):
     python recipes/flexolmo_small/run.py --scale tiny --out runs/flexolmo_tiny
 
 Stages, each a call of `flexmoe.api` (or of the `flexmoe` CLI in parallel subprocesses, since data owners
 train independently and a small model leaves most of a GPU idle):
-1. anchor: `train-anchor --preset small` on the public split, r_pub from the prepared row file;
-2. experts: for every private domain, `train-expert` from experts/<domain>.yaml with its prepared router row,
-   plus the ablation variants (random rows, rows from the anchor's own hidden states) and the
-   "no coordination" baseline (a dense fine-tune with nothing frozen, its FFN taken as the expert);
-3. checkpoints: merge, the per-expert 2-expert models, model soup, and opt-out (merged minus each expert);
-4. router tuning (FLEXOLMO.md §4): only the owners' router rows and biases, on public documents that a classifier
-   over sentence embeddings finds closest to each domain (selected by prepare.py), then opt-out again; and, as a
-   diagnostic the method itself forbids (owners do not pool data), the same tuning with a sample of each owner's
-   training text added to the proxy sets: it tells a tuner that cannot learn routing from a proxy whose public
-   documents hold no code, math or legal text;
-5. evaluation: held-out BPB per domain for every row of the table, routing plots; results.json/results.md.
+1. train: `train-anchor --preset small` on the public split (its BPE is trained there too), r_pub from the
+   prepared row file; then for every private domain and every variant (VARIANTS: the train-expert defaults, the
+   paper's router training, ablations) and seed, `train-expert` from experts/<domain>.yaml for at least
+   `expert_epochs` of the owner's text;
+2. eval: merges, each owner's 2-expert model, opt-out (merged minus each expert); held-out BPB per domain and on
+   windows that mix 4 domains in 256-token segments; BTM ensembles with a whole-window and a 128-token prefix;
+   routing statistics; results.json / results.md with the issue's targets checked.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import platform
+import random
 import subprocess
 import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.chdir(ROOT)
 
 from flexmoe import api  # noqa: E402
-from flexmoe.config import (EvalConfig, MergeConfig, ProxyConfig, RouterTuneConfig, TrainAnchorConfig,  # noqa: E402
-                            load_expert_spec, router_tuning_train)
+from flexmoe.config import EvalConfig, MergeConfig, TrainAnchorConfig, load_expert_spec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from report import opt_out_report, write_results  # noqa: E402
+from report import write_results  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -56,45 +54,50 @@ class Scale:
     preset: str
     domains: tuple[str, ...]
     anchor_steps: int
-    expert_steps: int
-    batch_size: int  # sequences per micro-step
+    expert_epochs: float  # passes over each owner's training text (its steps are computed from its token count)
+    batch_size: int  # sequences per micro-step (a quarter of them public text under the default router training)
     seq_len: int
     eval_bytes: int  # held-out bytes per domain
     parallel: int  # expert trainings at once
     device: str
     grad_accum: int = 1
-    rt_steps: int = 0  # router-tuning steps on public proxy data (0: no RT rows)
-    rt_owner_bytes: int = 0  # per owner, bytes of its training text added for the oracle RT rows (0: none)
+    mixed_segment: int = 256  # tokens per domain segment of the mixed-domain windows
+    btm_prefix: int = 128  # tokens of the short-prefix BTM posterior
 
 
 SCALES = {
-    # One H100: ~67M-parameter anchor (2 epochs of public text), four experts of ~1 epoch each, all variants.
-    # One training already keeps the GPU busy (~250k tok/s); 3 at a time hide start-up and tokenisation,
-    # and 3 dense "no coordination" fine-tunes (~18 GB each) still fit in 80 GB.
-    "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=400,
-                   expert_steps=80, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=400_000, parallel=3,
-                   device="cuda", rt_steps=100, rt_owner_bytes=800_000),
-    # A 2-minute GPU check of the whole pipeline at the small shape (timings for planning, not results).
-    "probe": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=40,
-                   expert_steps=10, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=50_000, parallel=6,
+    # One H200: ~67M-parameter anchor (4+ epochs of the broad public text), each expert >= 1 epoch of its owner's.
+    "small": Scale(preset="small", domains=("code", "math", "legal", "speeches"), anchor_steps=1000,
+                   expert_epochs=1.0, batch_size=16, grad_accum=2, seq_len=1024, eval_bytes=250_000, parallel=4,
                    device="cuda"),
     # CPU smoke test on the bundled fixtures.
-    "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_steps=8, batch_size=4,
-                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", rt_steps=5, rt_owner_bytes=4_000),
+    "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_epochs=1.0, batch_size=4,
+                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", mixed_segment=16, btm_prefix=16),
 }
-VARIANTS = ("embedding", "random", "hidden-mean", "dense")  # expert trainings per domain
+
+# Expert-spec overrides of each variant on top of the train-expert defaults (docs/router.md says which is which).
+VARIANTS: dict[str, dict] = {
+    "default": {},  # extension: 1/4 public text per batch, trained like owner text, projected bias; embedding rows
+    "random": {"router.source": "random"},  # the default training from a random row (ablation)
+    "paper": {"router_training.public_ratio": 0.0, "router_training.bias": "clamp"},  # owner text only
+    "public-router": {"router_training.public_loss": "router"},  # public text trains only the router row and bias
+    "public-route": {"router_training.public_loss": "router",  # ... plus -log p_public on the public tokens
+                     "router_training.public_route_loss": 0.1},
+    "clamp": {"router_training.bias": "clamp"},  # the default, but the paper's bias update
+    "hidden-mean": {"router.source": "hidden-mean"},
+    "dense": {"mode": "dense"},  # "no coordination": a dense fine-tune, its FFN taken as the expert
+}
+KEY_VARIANTS = ("default", "random")  # trained with every seed; the others with the first seed only
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path], dict[str, Path], list[Path]]:
-    """Data folder, router-row files, eval files and router-tuning proxy files (made here for the tiny scale)."""
+def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]]:
+    """Data folder and router-row files (made here for the tiny scale)."""
     if scale.device == "cpu":
-        data = ROOT / "fixtures"
-        rows_dir = run / "rows"
-        embedder = run / "embedder"
+        data, rows_dir, embedder = ROOT / "fixtures", run / "rows", run / "embedder"
         if not (embedder / "modules.json").is_file():
             from flexmoe.testing import build_random_embedder
 
@@ -105,12 +108,6 @@ def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]
             if not (rows_dir / f"{dom}.safetensors").is_file():
                 api.embed_domain(EmbedConfig(data=[data / dom / "train.jsonl"], embedder=embedder, num_docs=64,
                                              device="cpu"), rows_dir / f"{dom}.safetensors", progress=False)
-        proxy_dir = run / "proxy"
-        for dom in scale.domains:
-            if not (proxy_dir / f"{dom}.jsonl").is_file():
-                api.select_proxy(ProxyConfig(public=[data / "public" / "train.jsonl"], domain=[data / dom / "train.jsonl"],
-                                             embedder=embedder, fraction=0.3, device="cpu"),
-                                 proxy_dir / f"{dom}.jsonl", progress=False)
     else:
         carry = Path(args.carry)
         data = run / "data"
@@ -118,25 +115,32 @@ def prepare_inputs(args, scale: Scale, run: Path) -> tuple[Path, dict[str, Path]
             with tarfile.open(carry / "data.tar.gz") as tar:
                 tar.extractall(run, filter="data")  # the pack holds data/<domain>/...
         rows_dir = carry / "rows"
-        proxy_dir = carry / "proxy"
-    rows = {d: rows_dir / f"{d}.safetensors" for d in ("public", *scale.domains)}
-    proxies = [proxy_dir / f"{d}.jsonl" for d in scale.domains if (proxy_dir / f"{d}.jsonl").is_file()]
-    return data, rows, {d: data / d / "eval.jsonl" for d in ("public", *scale.domains)}, proxies
+    return data, {d: rows_dir / f"{d}.safetensors" for d in ("public", *scale.domains)}
 
 
-def expert_overrides(scale: Scale, anchor: Path, data: Path, dom: str, variant: str, row: Path) -> dict:
-    """Spec overrides on top of experts/<dom>.yaml for one variant of one owner's training."""
+def expert_steps(scale: Scale, tokenizer, train_file: Path) -> int:
+    """Optimizer steps for `scale.expert_epochs` passes over the owner's text, at the default's owner share."""
+    from flexmoe.config import RouterTraining
+    from flexmoe.data import load_documents
+    from flexmoe.eval.bpb import tokenize
+
+    tokens = sum(len(ids) + 1 for ids in tokenize(tokenizer, load_documents([train_file]).texts))
+    owner_rows = scale.batch_size - RouterTraining().public_rows(scale.batch_size)
+    return max(1, math.ceil(scale.expert_epochs * tokens / (owner_rows * scale.grad_accum * scale.seq_len)))
+
+
+def expert_overrides(scale: Scale, anchor: Path, data: Path, dom: str, variant: str, seed: int, row: Path,
+                     steps: int) -> dict:
+    """Spec overrides on top of experts/<dom>.yaml for one variant and seed of one owner's training."""
     over = {"name": dom, "anchor": str(anchor), "data": [str(data / dom / "train.jsonl")],
-            "train.max_steps": scale.expert_steps, "train.batch_size": scale.batch_size,
-            "train.seq_len": scale.seq_len, "train.grad_accum": scale.grad_accum, "train.device": scale.device, "train.bf16": scale.device == "cuda",
-            "train.checkpoint_every": 0, "train.warmup_steps": max(1, scale.expert_steps // 10),
-            # 80-step runs of a small model: ~20 s of compiling would not pay back (and this is what was timed).
-            "train.compile": False, "mode": "dense" if variant == "dense" else "flexolmo"}
-    if variant in ("embedding", "dense"):
-        over.update({"router.source": "row-file", "router.row_file": str(row)})
-    else:
-        over["router.source"] = variant
-    return over
+            "router_training.public_data": [str(data / "public" / "train.jsonl")],
+            "train.max_steps": steps, "train.batch_size": scale.batch_size, "train.seq_len": scale.seq_len,
+            "train.grad_accum": scale.grad_accum, "train.device": scale.device, "train.bf16": scale.device == "cuda",
+            "train.checkpoint_every": 0, "train.warmup_steps": max(1, steps // 10), "train.seed": seed,
+            "router.seed": seed,
+            # ~100-step runs of a small model: ~20 s of compiling would not pay back (and this is what was timed).
+            "train.compile": False, "router.source": "row-file", "router.row_file": str(row)}
+    return {**over, **VARIANTS[variant]}
 
 
 def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: Path) -> dict[str, float]:
@@ -168,19 +172,183 @@ def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: 
         return dict(pool.map(one, jobs))
 
 
-def owner_sample(train: Path, out: Path, max_bytes: int) -> Path:
-    """Evenly spaced documents of one owner's training file, about `max_bytes` of JSON lines, into `out`."""
-    lines = [line for line in train.read_text(encoding="utf-8").split("\n") if line.strip()]
-    step = max(1, sum(map(len, lines)) // max(1, max_bytes))
-    picked, size = [], 0
-    for line in lines[::step] + [x for i, x in enumerate(lines) if i % step]:  # evenly spaced first
-        if size >= max_bytes:
-            break
-        picked.append(line)
-        size += len(line)
+def mixed_windows(eval_files: dict[str, Path], tokenizer, out: Path, *, segment: int, count: int, seed: int) -> Path:
+    """`count` documents of 4 segments of `segment` tokens, each from another domain's held-out text (a random 4
+    of the domains, random order and offsets): text whose domain changes inside one window."""
+    from flexmoe.data import load_documents
+    from flexmoe.eval.bpb import tokenize
+
+    rng = random.Random(seed)
+    ids = {d: [x for x in tokenize(tokenizer, load_documents([p]).texts) if len(x) > segment]
+           for d, p in eval_files.items()}
+    docs = []
+    for _ in range(count):
+        parts = []
+        for dom in rng.sample(sorted(ids), min(4, len(ids))):
+            doc = rng.choice(ids[dom])
+            at = rng.randrange(len(doc) - segment)
+            parts.append(tokenizer.decode(doc[at: at + segment]))
+        docs.append("".join(parts))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(picked) + "\n", encoding="utf-8")
+    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return out
+
+
+def active_params(anchor: Path) -> tuple[int, int]:
+    """(parameters outside the FFNs, parameters of one FFN in every layer) of the anchor's OLMo-2 shape."""
+    c = json.loads((anchor / "config.json").read_text())
+    H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = H * c.get("num_key_value_heads", c["num_attention_heads"]) // c["num_attention_heads"]
+    attn = 2 * H * H + 2 * H * kv + H + kv + 2 * H  # q, o, k, v projections; q/k norms; the two block norms
+    shared = (1 if c.get("tie_word_embeddings") else 2) * V * H + L * attn + H
+    return shared, L * 3 * H * I
+
+
+def owner_biases(pkg: Path) -> list[float]:
+    """The owner's effective expert bias min(b, 0) per layer, from its package."""
+    from safetensors import safe_open
+
+    with safe_open(str(pkg / "expert.safetensors"), "pt") as f:
+        keys = sorted((k for k in f.keys() if k.endswith("router.bias")), key=lambda k: int(k.split(".")[2]))
+        return [min(float(f.get_tensor(k).reshape(-1)[0]), 0.0) for k in keys]
+
+
+def seeds_of(variant: str, seeds: list[int]) -> list[int]:
+    return seeds if variant in KEY_VARIANTS else seeds[:1]
+
+
+def stage_train(args, scale: Scale, run: Path, variants: list[str], seeds: list[int]) -> dict:
+    t0 = time.perf_counter()
+    data, rows = prepare_inputs(args, scale, run)
+    timings = {"prepare": time.perf_counter() - t0}
+    log(f"anchor: preset {scale.preset}, {scale.anchor_steps} steps")
+    t0 = time.perf_counter()
+    anchor = api.train_anchor(TrainAnchorConfig(
+        data=[data / "public" / "train.jsonl"], public_row=rows["public"], preset=scale.preset,
+        max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum, seq_len=scale.seq_len,
+        seed=args.seed, bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0, compile=False),
+        run / "anchor", overwrite=True, progress=False)
+    timings["anchor"] = time.perf_counter() - t0
+    _release_gpu_memory()  # the expert processes need the memory this one cached while training the anchor
+    log(f"  anchor: {anchor.num_params:,} params, {anchor.tokens:,} tokens "
+        f"({anchor.tokens / anchor.num_params:.2f} per parameter), loss {anchor.final_loss:.3f}")
+
+    from flexmoe.eval.bpb import load_tokenizer
+
+    tokenizer = load_tokenizer(anchor.path)
+    steps = {d: expert_steps(scale, tokenizer, data / d / "train.jsonl") for d in scale.domains}
+    log(f"experts: steps per domain {steps}; variants {variants}, seeds {seeds}, {scale.parallel} at a time")
+    t0 = time.perf_counter()
+    jobs = {f"{v}-s{s}/{d}": (f"experts/{d}.yaml",
+                              expert_overrides(scale, anchor.path, data, d, v, s, rows[d], steps[d]),
+                              run / "experts" / f"{v}-s{s}" / d)
+            for v in variants for s in seeds_of(v, seeds) for d in scale.domains}
+    wall = train_experts(jobs, scale.parallel, run / "logs")
+    timings["experts"] = time.perf_counter() - t0
+    experts = {}
+    for label, (_, _, out) in jobs.items():
+        card = json.loads((out / "expert.json").read_text())
+        experts[label] = {"steps": card["steps"], "final_loss": card["final_loss"], "data": card["data"],
+                          "router_source": card["router_source"], "wall_s": wall[label],
+                          "router_training": card["hparams"].get("router_training"),
+                          "epochs": card["steps"] * card["hparams"]["grad_accum"] * scale.seq_len
+                          * (scale.batch_size - _public_rows(card, scale.batch_size)) / max(1, card["data"]["tokens"])}
+        if (out / "expert.safetensors").is_file() and card["hparams"].get("mode") != "dense":
+            experts[label]["bias"] = owner_biases(out)
+    meta = {"anchor": {"params": anchor.num_params, "steps": anchor.steps, "tokens": anchor.tokens,
+                       "tokens_per_param": anchor.tokens / anchor.num_params, "final_loss": anchor.final_loss,
+                       "tokens_per_s": anchor.tokens_per_s},
+            "experts": experts, "variants": variants, "seeds": seeds, "timings_s": timings,
+            "public_corpus": _public_corpus(args)}
+    (run / "train_stage.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _public_rows(card: dict, batch_size: int) -> int:
+    from flexmoe.config import RouterTraining
+
+    rt = card["hparams"].get("router_training") or {}
+    return RouterTraining(public_ratio=rt.get("public_ratio") or 0.0).public_rows(batch_size)
+
+
+def _public_corpus(args) -> dict | None:
+    f = Path(args.carry) / "public_corpus.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
+    variants, seeds = meta["variants"], meta["seeds"]
+    data = ROOT / "fixtures" if scale.device == "cpu" else run / "data"
+    anchor = run / "anchor"
+    domains = ("public", *scale.domains)
+    n = len(scale.domains)
+    timings = dict(meta["timings_s"])
+    log("checkpoints: merges, 2-expert models, opt-outs")
+    t0 = time.perf_counter()
+    ck = run / "ckpt"
+    quiet = MergeConfig(overwrite=True, progress=False)
+    pkg = {(v, s): [run / "experts" / f"{v}-s{s}" / d for d in scale.domains]
+           for v in variants for s in seeds_of(v, seeds)}
+    merged = {key: api.merge(anchor, pkgs, ck / f"merged-{key[0]}-s{key[1]}",
+                             MergeConfig(top_k=2, overwrite=True, progress=False)).out for key, pkgs in pkg.items()}
+    ref = variants[0]  # the variant the alone / BTM / opt-out rows are made of (the default)
+    alone = {(s, d): api.merge(anchor, [run / "experts" / f"{ref}-s{s}" / d], ck / f"alone-s{s}-{d}",
+                               MergeConfig(top_k=2, overwrite=True, progress=False)).out
+             for s in seeds for d in scale.domains}
+    optout = {d: api.remove(merged[(ref, seeds[0])], d, ck / f"optout-{d}", quiet).out for d in scale.domains}
+    timings["checkpoints"] = time.perf_counter() - t0
+
+    log("evaluation")
+    t0 = time.perf_counter()
+    from flexmoe.eval.bpb import load_tokenizer
+
+    eval_files = {d: data / d / "eval.jsonl" for d in domains}
+    mixed = mixed_windows(eval_files, load_tokenizer(anchor), run / "mixed.jsonl", segment=scale.mixed_segment,
+                          count=max(8, scale.eval_bytes // 4096), seed=args.seed)
+    all_data = {**{d: str(p) for d, p in eval_files.items()}, "mixed": str(mixed)}
+    shared, ffn = active_params(anchor)
+
+    def ev(model: Path, data_sel=None, active: int = 0, **kw) -> dict:
+        cfg = EvalConfig(model=model, data=data_sel or all_data, max_bytes=scale.eval_bytes, device=scale.device,
+                         bf16=scale.device == "cuda", progress=False, seq_len=scale.seq_len, batch_size=16, **kw)
+        res = api.evaluate(cfg)
+        bpb = {d.domain: d.bpb for d in res.domains}
+        return {"bpb": bpb, "mean": sum(bpb[d] for d in domains if d in bpb) / sum(d in bpb for d in domains),
+                "active_params": active, "routing": None if res.routing is None else res.routing.to_json()}
+
+    rows: dict[str, dict] = {"anchor": ev(anchor, active=shared + ffn, routing=False)}
+    for s in seeds:
+        own = {d: ev(alone[(s, d)], {d: str(eval_files[d])}, routing=False)["bpb"][d] for d in scale.domains}
+        rows[f"experts alone, own domain (s{s})"] = {"bpb": own, "mean": sum(own.values()) / n,
+                                                     "active_params": shared + 2 * ffn, "routing": None}
+    out = args.out
+    for (v, s), m in merged.items():
+        plots = {"plots": out / "plots", "overwrite": True} if (v, s) == (ref, seeds[0]) else {}
+        rows[f"{v} top-2 (s{s})"] = ev(m, active=shared + 2 * ffn, top_k=2, **plots)
+        if v == ref:
+            rows[f"{v} top-all (s{s})"] = ev(m, active=shared + (n + 1) * ffn, top_k=n + 1, routing=False)
+            rows[f"{v} top-2, no bias (s{s})"] = ev(m, active=shared + 2 * ffn, top_k=2, bias=False, routing=False)
+    for s in seeds:
+        members = [alone[(s, d)] for d in scale.domains]
+        for label, prefix in (("whole-window prefix", None), (f"{scale.btm_prefix}-token prefix", scale.btm_prefix)):
+            rows[f"BTM, {label} (s{s})"] = ev(members[0], ensemble=members[1:], ensemble_prefix=prefix,
+                                             active=n * (shared + 2 * ffn), routing=False)
+    for d in scale.domains:
+        rows[f"opt-out: -{d}"] = ev(optout[d], active=shared + 2 * ffn, top_k=2, routing=False)
+    timings["eval"] = time.perf_counter() - t0
+    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+
+    import torch
+    import transformers
+
+    meta = {**meta, "scale": args.scale, "scale_settings": asdict(scale), "seed": args.seed, "reference": ref,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()},
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "timings_s": timings}
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, rows, meta, scale.domains)
+    print((out / "results.md").read_text())
+    log(f"total {timings['total']:.0f}s; results in {out}")
 
 
 def _release_gpu_memory() -> None:
@@ -194,143 +362,38 @@ def _release_gpu_memory() -> None:
 
 
 def main() -> None:
+    os.chdir(ROOT)  # experts/*.yaml and the default runs/ paths are relative to the repository
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="small")
+    ap.add_argument("--stage", choices=("all", "train", "eval"), default="all",
+                    help="train: anchor + experts; eval: merges, evaluation, report (reads what train left)")
+    ap.add_argument("--variants", default="default,random,paper",
+                    help=f"comma-separated, the first is the reference; of {', '.join(VARIANTS)}")
+    ap.add_argument("--seeds", type=int, default=2, help=f"seeds of the key variants {KEY_VARIANTS}")
     ap.add_argument("--carry", type=Path, default=Path(".carry/flexolmo_small"), help="output of prepare.py")
     ap.add_argument("--out", type=Path, default=Path("runs/flexolmo_small"), help="results folder")
     ap.add_argument("--work", type=Path, default=None, help="checkpoints folder (default: runs/<scale>-work)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parallel", type=int, default=None, help="expert trainings at once (default: the scale's)")
     args = ap.parse_args()
     scale = SCALES[args.scale]
+    if args.parallel:
+        scale = replace(scale, parallel=args.parallel)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        sys.exit(f"unknown variant {unknown[0] if unknown else '(none)'}: use {', '.join(VARIANTS)}")
     run = args.work or Path(f"runs/flexolmo_{args.scale}-work")
     run.mkdir(parents=True, exist_ok=True)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
-
-    t0 = time.perf_counter()
-    data, rows, eval_files, proxies = prepare_inputs(args, scale, run)
-    timings["prepare"] = time.perf_counter() - t0
-
-    log(f"anchor: preset {scale.preset}, {scale.anchor_steps} steps")
-    t0 = time.perf_counter()
-    anchor = api.train_anchor(TrainAnchorConfig(
-        data=[data / "public" / "train.jsonl"], public_row=rows["public"], preset=scale.preset,
-        max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum, seq_len=scale.seq_len,
-        seed=args.seed,
-        bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0, compile=False), run / "anchor",
-        overwrite=True,
-        progress=False)
-    timings["anchor"] = time.perf_counter() - t0
-    _release_gpu_memory()  # the expert processes need the memory this one cached while training the anchor
-    log(f"  anchor: {anchor.num_params:,} params, loss {anchor.final_loss:.3f}, {anchor.tokens_per_s:,.0f} tok/s")
-
-    log(f"experts: {len(scale.domains)} domains x {len(VARIANTS)} variants, {scale.parallel} at a time")
-    t0 = time.perf_counter()
-    jobs = {f"{v}/{d}": (f"experts/{d}.yaml", expert_overrides(scale, anchor.path, data, d, v, rows[d]),
-                         run / "experts" / v / d) for v in VARIANTS for d in scale.domains}
-    expert_wall = train_experts(jobs, scale.parallel, run / "logs")
-    timings["experts"] = time.perf_counter() - t0
-    cards = {label: json.loads((jobs[label][2] / "expert.json").read_text()) for label in expert_wall}
-
-    log("checkpoints: merges, 2-expert models, soup, opt-outs")
-    t0 = time.perf_counter()
-    ck = run / "ckpt"
-    quiet = MergeConfig(overwrite=True, progress=False)
-    pkgs = {v: [run / "experts" / v / d for d in scale.domains] for v in VARIANTS}
-    n = len(scale.domains)
-    merged = {v: api.merge(anchor.path, pkgs[v], ck / f"merged-{v}", MergeConfig(top_k=n + 1, overwrite=True,
-                                                                                   progress=False)).out
-              for v in VARIANTS}
-    alone = {d: api.merge(anchor.path, [run / "experts" / "embedding" / d], ck / f"alone-{d}",
-                          MergeConfig(top_k=2, overwrite=True, progress=False)).out for d in scale.domains}
-    from flexmoe.baselines import soup
-
-    soup_dir = soup(merged["embedding"], ck / "soup", overwrite=True)
-    optout = {d: api.remove(merged["embedding"], d, ck / f"optout-{d}", quiet).out for d in scale.domains}
-    timings["checkpoints"] = time.perf_counter() - t0
-
-    tuned = tuned_oracle = None
-    if scale.rt_steps and proxies:
-        log(f"router tuning: {scale.rt_steps} steps on {len(proxies)} public proxy sets")
-        t0 = time.perf_counter()
-        rt_train = dataclasses.replace(router_tuning_train(), max_steps=scale.rt_steps, batch_size=scale.batch_size,
-                                       grad_accum=scale.grad_accum, seq_len=scale.seq_len, device=scale.device,
-                                       bf16=scale.device == "cuda", compile=False, checkpoint_every=0)
-        tuned = api.tune_router(RouterTuneConfig(merged=merged["embedding"], data=proxies, train=rt_train),
-                                ck / "merged-rt", overwrite=True, progress=False).path
-        rt_optout = {d: api.remove(tuned, d, ck / f"rt-optout-{d}", quiet).out for d in scale.domains}
-        if scale.rt_owner_bytes:
-            owners = [owner_sample(data / d / "train.jsonl", run / "rt-owner" / f"{d}.jsonl", scale.rt_owner_bytes)
-                      for d in scale.domains]
-            log(f"router tuning (oracle): proxy sets + {scale.rt_owner_bytes:,} bytes of each owner's text")
-            tuned_oracle = api.tune_router(RouterTuneConfig(merged=merged["embedding"], data=proxies + owners,
-                                                            train=rt_train),
-                                           ck / "merged-rt-oracle", overwrite=True, progress=False).path
-        timings["router_tuning"] = time.perf_counter() - t0
-
-    log("evaluation")
-    t0 = time.perf_counter()
-    domains = {d: str(eval_files[d]) for d in ("public", *scale.domains)}
-
-    def ev(model: Path, **kw) -> dict:
-        cfg = EvalConfig(model=model, data=domains, max_bytes=scale.eval_bytes, device=scale.device,
-                         bf16=scale.device == "cuda", progress=False, seq_len=scale.seq_len, batch_size=16, **kw)
-        res = api.evaluate(cfg)
-        return {"bpb": {d.domain: d.bpb for d in res.domains}, "mean": res.mean_bpb,
-                "routing": None if res.routing is None else res.routing.to_json()}
-
-    rows_out: dict[str, dict] = {"anchor": ev(anchor.path)}
-    for d in scale.domains:
-        rows_out[f"expert alone: {d}"] = ev(alone[d])
-    for k in (1, 2, 4, n + 1):
-        if k <= n + 1:
-            label = "all" if k == n + 1 else str(k)
-            extra = {"plots": out / "plots", "overwrite": True} if k == n + 1 else {}
-            rows_out[f"FlexOlmo top-{label}"] = ev(merged["embedding"], top_k=k, **extra)
-    rows_out["FlexOlmo, no bias"] = ev(merged["embedding"], top_k=n + 1, bias=False)
-    rows_out["random router rows"] = ev(merged["random"], top_k=n + 1)
-    rows_out["rows from anchor hidden states"] = ev(merged["hidden-mean"], top_k=n + 1)
-    rows_out["model soup"] = ev(soup_dir)
-    members = [alone[d] for d in scale.domains]
-    rows_out["BTM ensemble (all)"] = ev(members[0], ensemble=members[1:], routing=False)
-    rows_out["BTM ensemble (top-2)"] = ev(members[0], ensemble=members[1:], ensemble_top_k=min(2, n), routing=False)
-    rows_out["no coordination"] = ev(merged["dense"], top_k=n + 1)
-    for d in scale.domains:
-        rows_out[f"opt-out: -{d}"] = ev(optout[d], top_k=n)
-    if tuned is not None:
-        rows_out["FlexOlmo + router tuning, top-2"] = ev(tuned, top_k=2)
-        rows_out["FlexOlmo + router tuning, top-all"] = ev(tuned, top_k=n + 1)
-        for d in scale.domains:
-            rows_out[f"RT opt-out: -{d}"] = ev(rt_optout[d], top_k=n)
-    if tuned_oracle is not None:
-        rows_out["router tuning with owners' text (oracle), top-2"] = ev(tuned_oracle, top_k=2)
-        rows_out["router tuning with owners' text (oracle), top-all"] = ev(tuned_oracle, top_k=n + 1)
-    timings["eval"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_all
-
-    import torch
-    import transformers
-
-    meta = {"scale": args.scale, "scale_settings": scale.__dict__, "seed": args.seed,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "python": platform.python_version()},
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "anchor": {"params": anchor.num_params, "steps": anchor.steps, "tokens": anchor.tokens,
-                       "final_loss": anchor.final_loss, "tokens_per_s": anchor.tokens_per_s},
-            "experts": {label: {"steps": c["steps"], "final_loss": c["final_loss"], "data": c["data"],
-                                "router_source": c["router_source"], "wall_s": expert_wall[label]}
-                        for label, c in cards.items()},
-            "timings_s": timings}
-    report = opt_out_report(rows_out, scale.domains)
-    if tuned is not None:
-        meta["opt_out_after_router_tuning"] = opt_out_report(rows_out, scale.domains,
-                                                             reference="FlexOlmo + router tuning, top-all",
-                                                             prefix="RT opt-out")
-    write_results(out, rows_out, report, meta, ("public", *scale.domains))
-    print((out / "results.md").read_text())
-    log(f"total {timings['total']:.0f}s; results in {out}")
+    if args.stage in ("all", "train"):
+        meta = stage_train(args, scale, run, variants, list(range(args.seed, args.seed + args.seeds)))
+    else:
+        f = run / "train_stage.json"
+        if not f.is_file():
+            sys.exit(f"{f} not found: run --stage train first (same --work)")
+        meta = json.loads(f.read_text())
+    if args.stage in ("all", "eval"):
+        stage_eval(args, scale, run, meta)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,27 @@ def inspect(path, verify, as_json):
         click.echo(f"  [{e.index}] {e.name:<20} {e.bytes / 1e6:9.1f} MB  router {e.router_source}{bias}")
     for s in res.shards:
         click.echo(f"  {s.name}  {s.bytes / 1e6:.1f} MB  {s.tensors} tensors")
+
+
+@main.command("verify")
+@click.argument("path", type=_path)
+@_json_flag
+def verify(path, as_json):
+    """Check a merged checkpoint, anchor or expert package completely; exit 0 only if all holds.
+
+    Every file's size and sha256 against the manifest in the folder's flexmoe JSON, the folder's
+    structure, and its fingerprints: an anchor's tensors, a merged checkpoint's shared tensors and
+    every expert's card against the recorded anchor. A folder written before manifests existed is
+    checked as far as it can be, and the report says what was not.
+
+    \b
+    Example:
+      flexmoe verify runs/merged
+      flexmoe verify runs/experts/code --json
+    """
+    from flexmoe.verify import report_lines
+
+    res = api.verify(path)
+    click.echo(json.dumps(res.to_json(), indent=2) if as_json else "\n".join(report_lines(res)))
+    if not res.ok:
+        raise click.exceptions.Exit(1)

@@ -205,6 +205,7 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
 
     from flexmoe import presets
     from flexmoe.data import load_documents, pack
+    from flexmoe.io.anchor import ANCHOR_META
     from flexmoe.io.atomic import atomic_dir, check_output
     from flexmoe.train import fsdp
     from flexmoe.train.loop import train
@@ -255,7 +256,7 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
 
         if fsdp.is_sharded(model):  # FSDP2: every tensor was trained, so every tensor was gathered here
             model = fsdp.unsharded_copy(model, lambda: Olmo2ForCausalLM(config))
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:
             model.to(DTYPES[shape.dtype]).save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             fingerprint = _write_anchor_meta(tmp, hidden=shape.hidden_size, layers=shape.num_layers,
@@ -305,7 +306,7 @@ def init_anchor(cfg: InitAnchorConfig, out: str | _Path, overwrite: bool = False
     dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(floats[0] if floats else "", None)
     if dtype is None:
         raise _CheckpointError(f"{src}: weights of dtype {floats[0] if floats else 'none'} are not supported")
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name not in (ANCHOR_META, ANCHOR_ROUTER) and not f.name.startswith("."):
                 _shutil.copyfile(f, tmp / f.name)
@@ -432,7 +433,7 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     from flexmoe import __version__
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import atomic_dir, check_output
-    from flexmoe.io.package import PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
+    from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
     from flexmoe.config import BiasUpdate
     from flexmoe.model.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
                                        export_package_tensors, fill_expert_, load_dense, project_biases_)
@@ -484,7 +485,7 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
                           embedder=None if identity is None else asdict(identity),
                           router_source=cfg.router.source.value, data=summary.to_json(), hparams=hparams,
                           steps=result.steps, final_loss=result.final_loss, flexmoe_version=__version__)
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=PACKAGE_CARD) as tmp:
             dtype = anchor_dtype(anchor)
             tensors = export_dense_package_tensors(model, row, dtype) if dense else export_package_tensors(model, dtype)
             write_package(tmp, tensors, card)
@@ -532,6 +533,14 @@ def extract(merged: str | Path, name: str, out: str | Path, config: MergeConfig 
 def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
     """Describe a merged checkpoint, an anchor or an expert package; `verify` recomputes the anchor fingerprint."""
     return _inspection.inspect(path, verify=verify)
+
+
+def verify(path: str | Path):
+    """Check every file of a flexmoe folder against its manifest, and its fingerprints (flexmoe/verify.py);
+    returns a `VerifyResult` whose `ok` says whether all holds."""
+    from flexmoe.verify import verify as _verify
+
+    return _verify(path)
 
 
 def load_model(path: str | Path, *, dtype=None, device=None, experts_implementation: str | None = None,

@@ -127,7 +127,7 @@ def soup(merged_dir: str | Path, out: str | Path, *, experts: list[str] | None =
     new_meta = {**(meta or {"format": "flexmoe-merged/1"}), "top_k": config["num_experts_per_tok"],
                 "experts": [{"name": "public"}, {"name": "soup", "soup_of": chosen}]}
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=MERGED_META) as tmp:
             _write_model(src, tmp, plan, config, bias, new_meta)
     finally:
         reader.close()
@@ -159,7 +159,7 @@ def with_router_rows(merged_dir: str | Path, rows: torch.Tensor, out: str | Path
         with LazyReader.from_file(src / BIAS_FILE) as br:
             bias = {k: br.get(k) for k in br.keys()}
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=MERGED_META if meta is not None else None) as tmp:
             _write_model(src, tmp, plan, config, bias, meta)
     finally:
         reader.close()

@@ -17,6 +17,10 @@ class CheckpointError(FlexmoeError):
     """A model directory, expert package or safetensors file is missing, corrupt or of the wrong kind."""
 
 
+class IntegrityError(CheckpointError):
+    """A file of a flexmoe folder is missing, truncated or changed: its size or sha256 differs from the manifest."""
+
+
 class FingerprintMismatch(CheckpointError):
     """An expert was trained against a different anchor than the one it is combined with."""
 

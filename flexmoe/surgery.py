@@ -107,10 +107,11 @@ def _stream(out_dir: Path, items: list[_Item], *, max_shard_bytes: int, prefix: 
 
 
 @contextmanager
-def _output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """`atomic_dir`, with OS failures (disk full, permissions) as one-line `CheckpointError`s."""
+def _output(out: Path, overwrite: bool, seal: str = MERGED_META) -> Iterator[Path]:
+    """`atomic_dir` sealed with its manifest, with OS failures (disk full, permissions) as one-line
+    `CheckpointError`s."""
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=seal) as tmp:
             yield tmp
     except OSError as e:
         raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from e
@@ -367,7 +368,7 @@ def extract(merged_dir: str | Path, name: str, out: str | Path, config: MergeCon
             items.append(_built(package_bias_key(layer), "F32", (), lambda layer=layer: m.biases[layer, j].clone()))
         order = {k: i for i, k in enumerate(package_keys(m.num_layers))}
         items.sort(key=lambda it: order[it.spec.name])
-        with _output(out, cfg.overwrite) as tmp:
+        with _output(out, cfg.overwrite, seal=PACKAGE_CARD) as tmp:
             specs = [it.spec for it in items]
             with ShardWriter(tmp, specs, max_shard_bytes=NO_SHARD_LIMIT, prefix=PACKAGE_TENSORS.removesuffix(".safetensors")) as w:
                 for it in tqdm(items, desc="extract", disable=None if cfg.progress else True):

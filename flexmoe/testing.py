@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+from flexmoe.io import manifest
+from flexmoe.io.anchor import ANCHOR_META
+from flexmoe.io.package import PACKAGE_CARD
+
 
 def tiny_olmo2_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
                       num_layers: int = 2, num_heads: int = 4, max_position_embeddings: int = 256):
@@ -107,6 +111,7 @@ def build_random_anchor(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtyp
                       dtype=str(dtype).removeprefix("torch."), embedder=None,
                       public_data={"documents": 0, "bytes": 0})
     write_anchor_files(out, meta, torch.randn(cfg.hidden_size, generator=g), None)
+    manifest.seal(out, ANCHOR_META)  # as train-anchor seals its anchors
     return out
 
 
@@ -146,6 +151,7 @@ def build_random_package(out_dir: str | Path, anchor: str | Path, name: str, see
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_package(out, tensors, card)
+    manifest.seal(out, PACKAGE_CARD)  # as train-expert seals its packages
     return out
 
 
@@ -223,6 +229,7 @@ def build_synthetic_anchor(out_dir: str | Path, *, vocab_size: int = 100352, hid
     meta = AnchorMeta(fingerprint=anchor_fingerprint(out), hidden_size=hidden_size, num_layers=num_layers,
                       intermediate_size=intermediate_size, dtype=str(dtype).removeprefix("torch."), embedder=None)
     write_anchor_files(out, meta, torch.randn(hidden_size, generator=torch.Generator().manual_seed(seed)), None)
+    manifest.seal(out, ANCHOR_META)
     return out
 
 
@@ -261,4 +268,20 @@ def build_synthetic_package(out_dir: str | Path, anchor: str | Path, name: str, 
         w.finalize()
     card = ExpertCard(name=name, anchor_fingerprint=a.meta.fingerprint, router_source="random", flexmoe_version="synthetic")
     (out / PACKAGE_CARD).write_text(json.dumps(card.to_json(), indent=2) + "\n")
+    manifest.seal(out, PACKAGE_CARD)  # as train-expert seals its packages
     return out
+
+
+def drop_manifest(folder: str | Path) -> Path:
+    """Make `folder` look as if written before manifests existed: remove "files" from its flexmoe JSON
+    (tests of the checks that stand behind the manifest: fingerprints, shapes, config consistency)."""
+    import json
+
+    for name in ("flexmoe.json", "expert.json", "flexmoe_anchor.json"):
+        meta = Path(folder) / name
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            if data.pop(manifest.MANIFEST_KEY, None) is not None:
+                meta.write_text(json.dumps(data, indent=2) + "\n")
+                break
+    return Path(folder)

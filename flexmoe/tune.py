@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.atomic import atomic_dir
-from flexmoe.io.merged import ROUTER_TUNING, read_merged, write_merged_files
+from flexmoe.io.merged import MERGED_META, ROUTER_TUNING, read_merged, write_merged_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
 from flexmoe.model.keys import natural_order, parse_router_key, router_key
@@ -117,7 +117,7 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
             e[ROUTER_TUNING] = [*e.get(ROUTER_TUNING, []), record]
         meta = {**m.meta, "experts": experts}
         new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, seal=MERGED_META) as tmp:
             with ShardWriter(tmp, [TensorSpec(s.name, s.dtype, s.shape) for s in specs],
                              max_shard_bytes=parse_size(shard_size)) as w:
                 for s in tqdm(specs, desc="write", unit="tensor", disable=not progress):

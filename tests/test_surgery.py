@@ -10,7 +10,8 @@ import torch
 
 from flexmoe import inspection, surgery
 from flexmoe.config import MergeConfig
-from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, OutputExistsError
+from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, IntegrityError, OutputExistsError
+from flexmoe.testing import drop_manifest
 from flexmoe.model.keys import natural_order
 from flexmoe.io.anchor import read_anchor
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
@@ -237,12 +238,16 @@ def test_verify_detects_a_modified_anchor(ckpt, tmp_path):
     data = bytearray((anchor / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor (lm_head): same header, different values
     (anchor / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="model.safetensors: sha256"):  # the manifest sees it first
+        surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "bad", cfg(verify_fingerprint=True))
+    drop_manifest(anchor)  # the fingerprint stands behind it (and for folders written before manifests)
     with pytest.raises(FingerprintMismatch, match="modified"):
         surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "bad", cfg(verify_fingerprint=True))
     shutil.copytree(tmp_path / "ok", tmp_path / "ok2")
     merged = bytearray((tmp_path / "ok2" / "model.safetensors").read_bytes())
     merged[-1] ^= 0xFF  # the last tensor in canonical order is model.norm.weight, a shared tensor
     (tmp_path / "ok2" / "model.safetensors").write_bytes(bytes(merged))
+    drop_manifest(tmp_path / "ok2")
     assert inspection.inspect(tmp_path / "ok2", verify=True).fingerprint_verified is False
 
 
@@ -302,9 +307,11 @@ def test_inconsistent_merged_folders_are_refused(ckpt, tmp_path):
 
     surgery.merge(ckpt.anchor, [ckpt.pkg["code"]], tmp_path / "m", Q)
 
-    def broken(name: str, edit) -> Path:
+    def broken(name: str, edit, manifest: bool = False) -> Path:
         d = tmp_path / name
         shutil.copytree(tmp_path / "m", d)
+        if not manifest:  # what stands behind the manifest (and guards folders written before it)
+            drop_manifest(d)
         edit(d)
         return d
 
@@ -326,4 +333,7 @@ def test_inconsistent_merged_folders_are_refused(ckpt, tmp_path):
     for name, (edit, match) in cases.items():
         with pytest.raises(CheckpointError, match=match):
             surgery.remove(broken(name, edit), "code", tmp_path / "out", Q)
+    with pytest.raises(IntegrityError, match="config.json: .* bytes, the manifest says"):
+        surgery.remove(broken("sealed", json_edit("config.json", num_experts=3), manifest=True), "code",
+                       tmp_path / "out", Q)
     assert not (tmp_path / "out").exists()

@@ -195,6 +195,11 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
     kind = model_type(path)
     device = torch.device(device) if isinstance(device, str) else device
     impl = {"experts_implementation": experts_implementation} if kind == "flex_olmo" and experts_implementation else {}
+    from safetensors import SafetensorError
+
+    from flexmoe.verify import check_files
+
+    check_files(path)
     try:
         if kind == "flex_olmo" and bias:
             from flexmoe.model.load import load_model
@@ -204,7 +209,7 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **impl).to(device)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
     return model.eval()
 

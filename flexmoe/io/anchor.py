@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io import manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
@@ -117,6 +118,9 @@ def read_anchor(path: str | Path) -> Anchor:
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
     data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
+    if model_type == "olmo2":  # a merged folder carries the anchor's metadata file, not the anchor's files
+        manifest.check(path, data, ANCHOR_META, remake="`flexmoe train-anchor` / `init-anchor`",
+                       hashed=manifest.small_files(data))
     try:
         meta = AnchorMeta.from_json(data)
     except (KeyError, TypeError, ValueError) as e:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flexmoe.errors import OutputExistsError
+from flexmoe.io import manifest
 
 _TMP_TAG = ".flexmoe-tmp."
 _OLD_TAG = ".flexmoe-old."
@@ -70,8 +71,11 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
 
 
 @contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = False, *, seal: str | None = None) -> Iterator[Path]:
     """Yield an empty temp dir beside `out`; on success it replaces `out` in one rename, on error it vanishes.
+
+    With `seal` (the folder's JSON metadata file name) the finished folder's manifest (`flexmoe.io.manifest`) is
+    recorded in that file before the rename.
 
     With `overwrite`, an existing `out` (which may also be one of the inputs, as in `--in-place`) is swapped
     out only after the new one is complete.
@@ -85,6 +89,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if seal is not None:
+            manifest.seal(tmp, seal)
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_path(f)

@@ -15,6 +15,7 @@ import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER
+from flexmoe.io import manifest
 from flexmoe.io.jsonfile import dump_json, read_json  # noqa: F401  (re-exported for surgery)
 from flexmoe.io.package import PUBLIC_NAME
 from flexmoe.io.reader import LazyReader
@@ -149,6 +150,8 @@ def read_merged(path: str | Path) -> Merged:
     if config.get("model_type") != "flex_olmo":
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not a merged checkpoint (flex_olmo)")
     meta = read_json(path / MERGED_META, "flexmoe merged checkpoint")
+    manifest.check(path, meta, MERGED_META, remake="the merge / add / remove that wrote it",
+                   hashed=manifest.small_files(meta))
     try:
         if meta.get("format") != MERGED_FORMAT:
             raise CheckpointError(f"{path / MERGED_META}: unknown format {meta.get('format')!r} (expected {MERGED_FORMAT})")

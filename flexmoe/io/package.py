@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io import manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
@@ -114,6 +115,8 @@ def read_package(path: str | Path) -> ExpertPackage:
     if not card_file.is_file():
         raise CheckpointError(f"{path}: not an expert package (no {PACKAGE_CARD})")
     data = read_json(card_file, "expert package", FORMAT, label="expert card")
+    manifest.check(path, data, PACKAGE_CARD, remake="`flexmoe train-expert` (or `extract`)",
+                   hashed=manifest.small_files(data))
     try:
         card = ExpertCard.from_json(data)
     except (TypeError, AttributeError) as e:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
+from safetensors import SafetensorError
+
 from flexmoe.errors import CheckpointError
+from flexmoe.verify import check_files
 from flexmoe.io.merged import BIAS_FILE
 from flexmoe.io.reader import LazyReader
 from flexmoe.model.keys import router_bias_key
@@ -52,7 +55,11 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype | str | None = None,
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
-    model = FlexOlmoForCausalLM.from_pretrained(model_dir, **kwargs)
+    check_files(model_dir)
+    try:
+        model = FlexOlmoForCausalLM.from_pretrained(model_dir, **kwargs)
+    except SafetensorError as e:  # a damaged folder written before manifests existed
+        raise CheckpointError(f"{model_dir}: cannot read its weights ({e}); re-copy it from its source") from e
     if apply_bias:
         cfg = model.config
         apply_expert_bias(model, read_biases(model_dir, cfg.num_hidden_layers, cfg.num_experts))

@@ -134,8 +134,14 @@ def test_experts_implementations_agree(merged, impl):
 def test_load_model_without_sidecar_uses_zero_bias(merged, tmp_path, capfd):
     import shutil
 
+    from flexmoe.errors import IntegrityError
+    from flexmoe.testing import drop_manifest
+
     plain = tmp_path / "plain"
     shutil.copytree(merged, plain)
     (plain / surgery.BIAS_FILE).unlink()
+    with pytest.raises(IntegrityError, match="flexmoe_router_bias.safetensors is missing"):
+        load_model(plain)  # the manifest lists it: a folder that lost it is damaged
+    drop_manifest(plain)  # a folder without flexmoe's manifest (e.g. written by another tool) loads with bias 0
     stock, _ = stock_load(plain, capfd)
     assert torch.equal(logits(load_model(plain)), logits(stock))

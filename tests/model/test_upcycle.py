@@ -168,6 +168,7 @@ def test_skeleton_holds_no_data_and_fill_puts_every_tensor_once(anchor):
     """What FSDP relies on: the skeleton allocates nothing, and `fill_expert_` hands every parameter its full
     value exactly once, through `put`, giving the model `upcycle` builds."""
     from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+    from flexmoe.testing import drop_manifest
 
     skeleton = expert_skeleton(anchor, top_k=2)
     assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
@@ -194,12 +195,14 @@ def test_fill_refuses_an_anchor_missing_a_tensor(anchor, tmp_path):
 
     from flexmoe.errors import CheckpointError
     from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+    from flexmoe.testing import drop_manifest
 
     broken = tmp_path / "anchor"
     shutil.copytree(anchor.path, broken)
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, broken / "model.safetensors")
+    drop_manifest(broken)  # else read_anchor refuses the changed file before the tensor check is reached
     model = expert_skeleton(anchor).to_empty(device="cpu")
     with pytest.raises(CheckpointError, match="k_proj.weight' is missing from the anchor"):
         fill_expert_(model, read_anchor(broken), torch.zeros(64))

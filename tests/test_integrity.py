@@ -1,0 +1,150 @@
+"""Fault injection (issue 14): every file of every folder kind, truncated to 0, to half, or with one byte flipped in
+the middle, against every verb that reads that folder. Each case must end in one line, exit code != 0, no
+traceback, no output folder and the damaged input left as it was; `flexmoe verify` must say DAMAGED."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flexmoe import api
+from flexmoe.cli import main
+from flexmoe.config import MergeConfig
+from flexmoe.errors import CheckpointError
+from flexmoe.io import manifest
+from flexmoe.testing import drop_manifest
+
+PUBLIC = Path(__file__).resolve().parents[1] / "fixtures" / "public" / "train.jsonl"
+FAULTS = {"empty": lambda b: b"", "half": lambda b: b[: len(b) // 2],
+          "flip": lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 0x20]) + b[len(b) // 2 + 1:]}
+
+
+@pytest.fixture(scope="module")
+def folders(ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    merged = api.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], root / "merged",
+                       MergeConfig(progress=False)).out
+    news_only = api.merge(ckpt.anchor, [ckpt.pkg["news"]], root / "news-only", MergeConfig(progress=False)).out
+    return {"anchor": Path(ckpt.anchor), "package": Path(ckpt.pkg["code"]), "merged": merged, "other": ckpt.pkg["law"],
+            "news-only": news_only}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+# Which verbs read each folder kind: argv with {d} the damaged folder, {a} the anchor, {p} a good package, {m} a
+# merged checkpoint without the damaged package's expert.
+VERBS = {
+    "anchor": {"merge": ["merge", "--anchor", "{d}", "--expert", "{p}", "--out", "out", "-q"],
+               "inspect": ["inspect", "{d}"], "verify": ["verify", "{d}"]},
+    "package": {"merge": ["merge", "--anchor", "{a}", "--expert", "{d}", "--out", "out", "-q"],
+                "add": ["add", "{m}", "--expert", "{d}", "--out", "out", "-q"],
+                "inspect": ["inspect", "{d}"], "verify": ["verify", "{d}"]},
+    "merged": {"remove": ["remove", "{d}", "--expert", "news", "--out", "out", "-q"],
+               "add": ["add", "{d}", "--expert", "{p}", "--out", "out", "-q"],
+               "extract": ["extract", "{d}", "--expert", "code", "--out", "out"],
+               "inspect": ["inspect", "{d}"], "verify": ["verify", "{d}"],
+               "eval": ["eval", "{d}", "--data", f"public={PUBLIC}", "--max-bytes", "2000", "--seq-len", "32",
+                        "--device", "cpu"],
+               "generate": ["generate", "{d}", "--prompt", "hello", "--max-new-tokens", "2", "--device", "cpu"],
+               "tune-router": ["tune-router", "{d}", "--data", str(PUBLIC), "--out", "out", "--max-steps", "1",
+                               "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]},
+}
+
+
+def _cases():
+    names = {"anchor": ["config.json", "flexmoe_anchor.json", "flexmoe_router.safetensors", "model.safetensors",
+                        "tokenizer.json", "tokenizer_config.json"],
+             "package": ["expert.json", "expert.safetensors"],
+             "merged": ["README.md", "config.json", "flexmoe.json", "flexmoe_anchor.json", "flexmoe_router.safetensors",
+                        "flexmoe_router_bias.safetensors", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]}
+    for kind, verbs in VERBS.items():
+        for verb in verbs:
+            for name in names[kind]:
+                for fault in FAULTS:
+                    yield pytest.param(kind, verb, name, fault, id=f"{kind}-{name}-{fault}-{verb}")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("kind,verb,name,fault", list(_cases()))
+def test_damage_is_one_clean_line_and_nothing_is_written(folders, tmp_path, kind, verb, name, fault):
+    assert name in _files(folders[kind])  # the list above is every file the writers make
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folders[kind], damaged)
+    path = damaged / name
+    path.write_bytes(FAULTS[fault](path.read_bytes()))
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    subst = {"{d}": str(damaged), "{a}": str(folders["anchor"]), "{p}": str(folders["other"]),
+             "{m}": str(folders["news-only"])}
+    r = CliRunner().invoke(main, [subst.get(a, a) for a in VERBS[kind][verb]])
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
+    if verb == "verify":
+        assert "DAMAGED" in r.output.splitlines()[0] and "FAIL" in r.output, r.output
+    else:
+        lines = [x for x in r.output.strip().splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_load_model_names_the_damaged_file(folders, tmp_path, fault):
+    damaged = shutil.copytree(folders["merged"], tmp_path / "m")
+    (damaged / "model.safetensors").write_bytes(FAULTS[fault]((damaged / "model.safetensors").read_bytes()))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        api.load_model(damaged)
+
+
+def test_verify_reports_good_old_and_damaged_folders(folders, tmp_path):
+    for kind in ("anchor", "package", "merged"):
+        res = api.verify(folders[kind])
+        assert res.ok and not res.not_checked, res.to_json()
+        assert res.checks[0].detail.endswith("sizes and sha256 as recorded")
+    old = drop_manifest(shutil.copytree(folders["merged"], tmp_path / "old"))
+    res = api.verify(old)
+    assert res.ok and "no manifest" in res.not_checked[0]
+    # Old folders still get the fingerprint check: change a shared tensor behind the manifest's back.
+    data = bytearray((old / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (old / "model.safetensors").write_bytes(bytes(data))
+    res = api.verify(old)
+    assert not res.ok and any("fingerprint" in c.what and not c.ok for c in res.checks)
+    r = CliRunner().invoke(main, ["verify", str(folders["merged"]), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"] is True
+
+
+def test_every_writer_seals_its_folder(folders, train_inputs, tmp_path):
+    """The manifest lists every other file of the folder, with the bytes that are there."""
+    from flexmoe.config import Device, ExpertSpec, RouterInit, RouterSource, RouterTraining, TrainConfig
+
+    pkg = api.train_expert(ExpertSpec(name="code", data=[train_inputs.code], anchor=train_inputs.anchor,
+                                      router=RouterInit(source=RouterSource.RANDOM),
+                                      router_training=RouterTraining(public_data=[train_inputs.public]),
+                                      train=TrainConfig(max_steps=2, batch_size=2, seq_len=32, device=Device.CPU)),
+                           tmp_path / "pkg", progress=False).path
+    extracted = api.extract(folders["merged"], "code", tmp_path / "x", MergeConfig(progress=False)).out
+    for folder, meta in ((train_inputs.anchor, "flexmoe_anchor.json"), (pkg, "expert.json"),
+                         (folders["merged"], "flexmoe.json"), (extracted, "expert.json")):
+        data = json.loads((Path(folder) / meta).read_text())
+        assert data["files"] == manifest.build(Path(folder), meta), folder
+    assert (extracted / "expert.json").read_bytes() == (folders["package"] / "expert.json").read_bytes()
+
+
+@pytest.mark.parametrize("kind,verb", [(k, v) for k, verbs in VERBS.items() for v in verbs])
+def test_each_verb_succeeds_on_the_undamaged_folder(folders, tmp_path, kind, verb):
+    """So the refusals above come from the damage, not from the command line."""
+    good = shutil.copytree(folders[kind], tmp_path / "good")
+    subst = {"{d}": str(good), "{a}": str(folders["anchor"]), "{p}": str(folders["other"]),
+             "{m}": str(folders["news-only"])}
+    r = CliRunner().invoke(main, [subst.get(a, a) for a in VERBS[kind][verb]])
+    assert r.exit_code == 0, r.output + repr(r.exception)

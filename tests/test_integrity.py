@@ -148,3 +148,71 @@ def test_each_verb_succeeds_on_the_undamaged_folder(folders, tmp_path, kind, ver
              "{m}": str(folders["news-only"])}
     r = CliRunner().invoke(main, [subst.get(a, a) for a in VERBS[kind][verb]])
     assert r.exit_code == 0, r.output + repr(r.exception)
+
+
+# ---- concurrent writers, a full disk, bad text data ----
+
+def _flexmoe(*args, limit_bytes: int | None = None, **kw):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():  # a full disk, as the kernel reports it: EFBIG on the write that crosses the limit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.Popen([sys.executable, "-m", "flexmoe.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limit if limit_bytes else None, **kw)
+
+
+def test_two_writers_to_one_out_one_wins_the_other_fails_cleanly(folders, tmp_path, digest):
+    argv = ["merge", "--anchor", folders["anchor"], "--expert", folders["package"], "--out", tmp_path / "out", "-q"]
+    procs = [_flexmoe(*argv) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for rc, _, err in results if rc != 0).strip().splitlines()
+    assert len(loser) == 1 and loser[0].startswith("Error: "), loser
+    api.merge(folders["anchor"], [folders["package"]], tmp_path / "alone", MergeConfig(progress=False))
+    strip = lambda d: {k.split("/", 1)[1]: v for k, v in d.items()}  # noqa: E731
+    assert strip(digest(tmp_path / "out")) == strip(digest(tmp_path / "alone"))  # the winner's, never a mix
+    assert not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
+
+
+def test_full_disk_is_one_line_and_leaves_no_temp_files(folders, tmp_path):
+    p = _flexmoe("merge", "--anchor", folders["anchor"], "--expert", folders["package"], "--out", tmp_path / "out",
+                 "-q", limit_bytes=200_000)
+    rc, err = p.wait(timeout=120), p.stderr.read().strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "cannot write" in err[0] and "File too large" in err[0], err
+    assert sorted(x.name for x in tmp_path.iterdir()) == []  # no output, no temp folder
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+BAD_DATA = {
+    "empty file": (lambda t: _write(t / "d.jsonl", b""), "the data is empty"),
+    "binary file": (lambda t: _write(t / "d.jsonl", bytes(range(256)) * 8), "not UTF-8"),
+    "invalid UTF-8 in text": (lambda t: _write(t / "d.txt", b"good text \xff\xfe more"), "not UTF-8"),
+    "line without text": (lambda t: _write(t / "d.jsonl", b'{"text": "ok"}\n{"body": "no text"}\n'),
+                          "d.jsonl:2: no string field 'text'"),
+    "line not JSON": (lambda t: _write(t / "d.jsonl", b'{"text": "ok"}\n{oops\n'), "d.jsonl:2: not valid JSON"),
+    "folder without data files": (lambda t: _write(t / "d" / "notes.bin", b"x").parent, "holds no"),
+    "blank documents only": (lambda t: _write(t / "d.jsonl", b'{"text": "   "}\n{"text": "\\n"}\n'), "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_text_data_is_refused_before_training(train_inputs, tmp_path, case):
+    make, message = BAD_DATA[case]
+    data = make(tmp_path)
+    r = CliRunner().invoke(main, ["train-expert", "--anchor", str(train_inputs.anchor), "--data", str(data),
+                                  "--name", "x", "--router-source", "random", "--out", "out", "--device", "cpu",
+                                  "--public-data", str(train_inputs.public)])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and message in lines[0], r.output
+    assert not (tmp_path / "out").exists()

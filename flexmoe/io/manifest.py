@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,78 @@ class FileEntry:
         return {"size": self.size, "sha256": self.sha256}
 
 
+class TailHasher:
+    """sha256 of a file that another thread is still writing, computed behind the writer in a thread of its own.
+
+    The writer calls `advance(n)` once the first n bytes are on disk (page cache) and `finish()` when the file is
+    complete; the thread reads and hashes the new bytes meanwhile (reads and hashlib release the GIL), so the
+    hash costs almost no time on top of the write and no second pass afterwards.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._h, self._done, self._target, self._closed = hashlib.sha256(), 0, 0, False
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"sha256 {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def advance(self, upto: int) -> None:
+        with self._cond:
+            self._target = max(self._target, upto)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                while True:
+                    with self._cond:
+                        while self._done >= self._target and not self._closed:
+                            self._cond.wait()
+                        if self._done >= self._target and self._closed:
+                            return
+                        want = min(self._target - self._done, _CHUNK)
+                    data = f.read(want)
+                    if len(data) != want:
+                        raise OSError(f"{self.path}: shorter than written ({self._done + len(data)} bytes)")
+                    self._h.update(data)
+                    self._done += len(data)
+        except BaseException as e:  # reported by finish()
+            self._error = e
+
+    def finish(self, size: int) -> FileEntry:
+        """Wait for the hash of the complete file of `size` bytes, and remember it for `hash_file`."""
+        self.advance(size)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        entry = FileEntry(size=self._done, sha256=self._h.hexdigest())
+        _known[_identity(self.path)] = entry
+        return entry
+
+    def abandon(self) -> None:
+        with self._cond:
+            self._closed, self._target = True, self._done
+            self._cond.notify()
+        self._thread.join()
+
+
+# Hashes computed while writing (TailHasher), by file identity: `seal` then reads none of those bytes again.
+_known: dict[tuple, FileEntry] = {}
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def hash_file(path: Path) -> FileEntry:
+    known = _known.pop(_identity(path), None)
+    if known is not None:
+        return known
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from flexmoe.errors import CheckpointError
+from flexmoe.io import manifest
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec, encode_header, tensor_bytes
 
@@ -76,6 +77,7 @@ class ShardWriter:
         self._next = 0
         self._shard_idx = -1
         self._fd: int | None = None
+        self._hasher: manifest.TailHasher | None = None
         self.total_size = sum(s.nbytes for s in specs)
 
     def shard_name(self, i: int) -> str:
@@ -96,20 +98,26 @@ class ShardWriter:
         self._close_fd()
         self._shard_idx = idx
         header, _ = encode_header(self._shards[idx], self.metadata)
-        self._fd = os.open(self.out_dir / self.shard_name(idx), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self._fd, header)
+        path = self.out_dir / self.shard_name(idx)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._write_all(header)
+        self._hasher = manifest.TailHasher(path)  # the shard's sha256, hashed as it is written (for the manifest)
+        self._hasher.advance(len(header))
+
+    def _write_all(self, data) -> None:
+        view, done = memoryview(data), 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
 
     def _advance(self) -> None:
         self._next += 1
+        self._hasher.advance(os.lseek(self._fd, 0, os.SEEK_CUR))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._expect(name)
         if TensorSpec.of(name, tensor) != spec:
             raise CheckpointError(f"tensor {name!r} is {TensorSpec.of(name, tensor)}, planned {spec}")
-        data = tensor_bytes(tensor)
-        view, done = data, 0
-        while done < len(view):
-            done += os.write(self._fd, view[done:])
+        self._write_all(tensor_bytes(tensor))
         self._advance()
 
     def copy_from(self, name: str, reader: LazyReader, key: str | None = None) -> None:
@@ -121,10 +129,16 @@ class ShardWriter:
         reader.copy_to(key or name, self._fd)
         self._advance()
 
-    def _close_fd(self) -> None:
+    def _close_fd(self, *, complete: bool = True) -> None:
         if self._fd is not None:
+            size = os.lseek(self._fd, 0, os.SEEK_CUR)
             os.close(self._fd)
             self._fd = None
+            hasher, self._hasher = self._hasher, None
+            if complete:
+                hasher.finish(size)
+            else:
+                hasher.abandon()
 
     def finalize(self) -> list[str]:
         """Close the last shard, write the index if there are several; returns the shard file names."""
@@ -143,5 +157,5 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._close_fd()
+    def __exit__(self, exc_type, *exc) -> None:
+        self._close_fd(complete=exc_type is None)

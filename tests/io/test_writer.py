@@ -88,3 +88,22 @@ def test_empty_plan_is_a_valid_file(tmp_path):
     with ShardWriter(tmp_path, []) as w:
         w.finalize()
     assert load_file(str(tmp_path / "model.safetensors")) == {}
+
+
+def test_shards_are_hashed_as_they_are_written(tmp_path):
+    """The manifest's sha256 of a shard comes from the writer's tail hasher, and equals a hash of the file."""
+    import hashlib
+
+    from flexmoe.io import manifest
+    from flexmoe.io.safetensors_format import TensorSpec
+    from flexmoe.io.writer import ShardWriter
+
+    tensors = {f"t{i}": torch.randn(1000 + i) for i in range(20)}
+    with ShardWriter(tmp_path, [TensorSpec.of(k, v) for k, v in tensors.items()], max_shard_bytes=20_000) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+        names = w.finalize()
+    assert len(names) > 1
+    for n in names:
+        assert manifest._identity(tmp_path / n) in manifest._known  # hashed while written, not read back later
+        assert manifest.hash_file(tmp_path / n).sha256 == hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()

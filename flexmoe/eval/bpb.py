@@ -192,22 +192,22 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
     """A model directory as an eval-mode float32 module: flex_olmo through `flexmoe.model.load.load_model`
     (expert bias applied) unless `bias=False` (stock transformers, no bias); any other causal LM through
     AutoModelForCausalLM. `experts_implementation` (eager, batched_mm, grouped_mm) applies to flex_olmo only."""
-    kind = model_type(path)
-    device = torch.device(device) if isinstance(device, str) else device
-    impl = {"experts_implementation": experts_implementation} if kind == "flex_olmo" and experts_implementation else {}
     from safetensors import SafetensorError
 
     from flexmoe.verify import check_files
 
-    check_files(path)
+    kind = model_type(path)
+    device = torch.device(device) if isinstance(device, str) else device
+    impl = {"experts_implementation": experts_implementation} if kind == "flex_olmo" and experts_implementation else {}
     try:
         if kind == "flex_olmo" and bias:
             from flexmoe.model.load import load_model
 
-            model = load_model(path, dtype=torch.float32, device=device, **impl)
+            model = load_model(path, dtype=torch.float32, device=device, **impl)  # checks the files itself
         else:
             from transformers import AutoModelForCausalLM
 
+            check_files(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **impl).to(device)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e

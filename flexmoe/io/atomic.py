@@ -95,7 +95,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, *, seal: str | None = N
             if f.is_file():
                 _fsync_path(f)
         _fsync_path(tmp)
-        if out.exists():
+        if overwrite and out.exists():
             old = out.parent / f".{out.name}{_OLD_TAG}{os.getpid()}"
             os.rename(out, old)
             try:
@@ -105,7 +105,14 @@ def atomic_dir(out: str | Path, overwrite: bool = False, *, seal: str | None = N
                 raise
             _remove(old)
         else:
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)  # refused for an existing (non-empty) folder: no writer clobbers another's
+            except OSError as e:
+                if out.exists():
+                    raise OutputExistsError(f"output {out} was written by another run while this one worked; "
+                                            "nothing of this run was kept: choose another --out or pass --overwrite"
+                                            ) from e
+                raise
         _fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -79,3 +79,14 @@ def test_atomic_write_text(tmp_path):
     atomic_write_text(tmp_path / "d" / "f.json", "{}")
     atomic_write_text(tmp_path / "d" / "f.json", "[]")
     assert (tmp_path / "d" / "f.json").read_text() == "[]" and len(list((tmp_path / "d").iterdir())) == 1
+
+
+def test_a_writer_that_finishes_second_never_replaces_the_first(tmp_path):
+    """Both started before either finished (so both passed check_output): the later one is refused at its rename."""
+    out = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="another run"):
+        with atomic_dir(out) as tmp:
+            (tmp / "f").write_text("second")
+            out.mkdir()  # the other writer's rename lands meanwhile
+            (out / "f").write_text("first")
+    assert (out / "f").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -216,3 +216,61 @@ def test_bad_text_data_is_refused_before_training(train_inputs, tmp_path, case):
     lines = r.output.strip().splitlines()
     assert r.exit_code != 0 and len(lines) == 1 and message in lines[0], r.output
     assert not (tmp_path / "out").exists()
+
+
+# ---- kill -9 at several points of merge / add / remove ----
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A ~180 MB fp32 anchor, two packages and their merge: large enough to be killed mid-write."""
+    import torch
+
+    from flexmoe.testing import build_synthetic_anchor, build_synthetic_package
+
+    root = tmp_path_factory.mktemp("big")
+    anchor = build_synthetic_anchor(root / "anchor", vocab_size=16000, hidden_size=512, intermediate_size=2048,
+                                    num_layers=4, num_heads=8, dtype=torch.float32, shard_size="100MB")
+    pkgs = [build_synthetic_package(root / n, anchor, n, s) for n, s in (("a", 1), ("b", 2))]
+    merged = api.merge(anchor, pkgs[:1], root / "merged", MergeConfig(progress=False, shard_size="32MB")).out
+    return {"anchor": anchor, "a": pkgs[0], "b": pkgs[1], "merged": merged}
+
+
+KILL_OPS = {"merge": ["merge", "--anchor", "{anchor}", "--expert", "{a}", "--expert", "{b}"],
+            "add": ["add", "{merged}", "--expert", "{b}"],
+            "remove": ["remove", "{merged}", "--expert", "a"]}
+
+
+@pytest.mark.parametrize("shards_started", [1, 3], ids=["first-shard", "third-shard"])
+@pytest.mark.parametrize("op", sorted(KILL_OPS))
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite"])
+def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op, shards_started, existing):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    if existing:  # an earlier result at --out that --overwrite would replace: it must survive the kill
+        shutil.copytree(big["merged"], out)
+    before = digest(*(big[k] for k in ("anchor", "a", "b", "merged")), *([out] if existing else []))
+    argv = [a.format(**{k: str(v) for k, v in big.items()}) for a in KILL_OPS[op]]
+    argv += ["--out", str(out), "-q", "--shard-size", "32MB", *(["--overwrite"] if existing else [])]
+    proc = subprocess.Popen([sys.executable, "-m", "flexmoe.cli", *argv])
+    deadline, killed = time.time() + 120, False
+    while time.time() < deadline and proc.poll() is None:
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.flexmoe-tmp.")]
+        if tmp and sum(f.stat().st_size > 0 for f in tmp[0].glob("model*.safetensors")) >= shards_started:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed, f"{op} finished before it could be killed; make the synthetic input larger"
+    assert digest(*(big[k] for k in ("anchor", "a", "b", "merged")), *([out] if existing else [])) == before
+    assert out.exists() == existing  # no output, or exactly the old one
+    # The next run clears the dead run's temp folder and succeeds.
+    r = CliRunner().invoke(main, [a for a in argv if a != "--overwrite"] + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
+    assert api.verify(out).ok

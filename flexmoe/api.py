@@ -450,13 +450,13 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     make_row, identity = _router_row(cfg, anchor)
     device = _device(cfg.train.device)
     docs = load_documents(cfg.data)
-    _check_router_training(cfg.router_training, cfg.train.batch_size, dense=cfg.mode == ExpertMode.DENSE)
+    dense = cfg.mode == ExpertMode.DENSE
+    _check_router_training(cfg.router_training, cfg.train.batch_size, dense=dense)
     tokenizer = _load_tokenizer(anchor.path, "anchor")
     max_positions = json.loads((anchor.path / "config.json").read_text()).get("max_position_embeddings", 2048)
     train_cfg = _dc.replace(cfg.train, seq_len=_seq_len(cfg.train, max_positions))
     work = _prepare_work_dir(out, resume, overwrite, cfg.train.device)
     data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
-    dense = cfg.mode == ExpertMode.DENSE
     public, public_summary = _public_mix(cfg, tokenizer, train_cfg, dense=dense, progress=progress)
     # A resumed expert takes r_i from its checkpoint: no need to embed the data again (a dense run never trains it).
     resuming = resume and latest_checkpoint(work) is not None and not dense

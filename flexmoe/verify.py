@@ -16,10 +16,10 @@ from pathlib import Path
 
 from flexmoe.errors import CheckpointError
 from flexmoe.io import manifest
-from flexmoe.io.anchor import ANCHOR_META
+from flexmoe.io.anchor import ANCHOR_META, ANCHOR_REMAKE
 from flexmoe.io.jsonfile import read_json
-from flexmoe.io.merged import MERGED_META
-from flexmoe.io.package import PACKAGE_CARD
+from flexmoe.io.merged import MERGED_META, MERGED_REMAKE
+from flexmoe.io.package import PACKAGE_CARD, PACKAGE_REMAKE
 
 
 @dataclass
@@ -49,9 +49,7 @@ def check_files(path: str | Path) -> None:
     """What every loader does first: the manifest of the folder's own flexmoe JSON (merged, package or anchor),
     sizes of all files and sha256 of the small ones. `IntegrityError` names a damaged file; no manifest: no-op."""
     path = Path(path)
-    for name, remake in ((MERGED_META, "the merge / add / remove that wrote it"),
-                         (PACKAGE_CARD, "`flexmoe train-expert` (or `extract`)"),
-                         (ANCHOR_META, "`flexmoe train-anchor` / `init-anchor`")):
+    for name, remake in ((MERGED_META, MERGED_REMAKE), (PACKAGE_CARD, PACKAGE_REMAKE), (ANCHOR_META, ANCHOR_REMAKE)):
         if (path / name).is_file():
             meta = read_json(path / name, "flexmoe folder")
             manifest.check(path, meta, name, remake=remake, hashed=manifest.small_files(meta))

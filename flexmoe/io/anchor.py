@@ -18,6 +18,7 @@ from flexmoe.io.writer import ShardWriter
 ANCHOR_META = "flexmoe_anchor.json"
 ANCHOR_ROUTER = "flexmoe_router.safetensors"
 FORMAT = "flexmoe-anchor/1"
+ANCHOR_REMAKE = "`flexmoe train-anchor` / `init-anchor`"  # for damaged-file errors
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def read_anchor(path: str | Path) -> Anchor:
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
     data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
     if model_type == "olmo2":  # a merged folder carries the anchor's metadata file, not the anchor's files
-        manifest.check(path, data, ANCHOR_META, remake="`flexmoe train-anchor` / `init-anchor`",
+        manifest.check(path, data, ANCHOR_META, remake=ANCHOR_REMAKE,
                        hashed=manifest.small_files(data))
     try:
         meta = AnchorMeta.from_json(data)

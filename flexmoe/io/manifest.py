@@ -1,9 +1,9 @@
 """Content manifests: each file's size and sha256, kept in the folder's own flexmoe JSON under "files".
 
 Every folder flexmoe writes (anchor, expert package, merged or tuned checkpoint, baselines) is sealed just before
-its atomic rename: `seal` hashes each file of the finished temporary folder (a read back from the page cache, so
-the hashes are of the bytes that will be renamed into place) and records them in the metadata file, which cannot
-list itself. Readers check the sizes of every listed file at once (`check`) and the hashes of what they name; the
+its atomic rename: `seal` records each file of the finished temporary folder in the metadata file, which cannot
+list itself. Tensor shards are hashed while the ShardWriter writes them (`TailHasher`); only the other files
+(JSON, tokenizer, files written by transformers) are read back to be hashed. Readers check the sizes of every listed file at once (`check`) and the hashes of what they name; the
 full check of every byte is `flexmoe verify`. Folders written before manifests existed have no "files" key: they
 are read as before, and `verify` says what it could not check.
 """
@@ -99,8 +99,10 @@ def _identity(path: Path) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def hash_file(path: Path) -> FileEntry:
-    known = _known.pop(_identity(path), None)
+def hash_file(path: Path, *, written: bool = False) -> FileEntry:
+    """Size and sha256 of `path`, read from disk; with `written`, the hash `TailHasher` took while writing it, if
+    the file is still the one it wrote (sealing only: a check always reads the bytes)."""
+    known = _known.pop(_identity(path), None) if written else None
     if known is not None:
         return known
     h, size = hashlib.sha256(), 0
@@ -114,7 +116,7 @@ def hash_file(path: Path) -> FileEntry:
 def build(folder: Path, exclude: str) -> dict[str, dict]:
     """{relative path: {"size", "sha256"}} of every file below `folder` but `exclude`, in sorted order."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != exclude)
-    return {p.relative_to(folder).as_posix(): hash_file(p).to_json() for p in files}
+    return {p.relative_to(folder).as_posix(): hash_file(p, written=True).to_json() for p in files}
 
 
 def seal(folder: Path, meta_name: str) -> None:

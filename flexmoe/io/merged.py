@@ -26,6 +26,7 @@ from flexmoe.model.keys import FFN_PROJS, expert_key, router_bias_key, router_ke
 MERGED_META = "flexmoe.json"
 BIAS_FILE = "flexmoe_router_bias.safetensors"
 MERGED_FORMAT = "flexmoe-merged/1"
+MERGED_REMAKE = "the merge / add / remove that wrote it"  # for damaged-file errors
 # Paper: quality rises with active experts up to 4, then plateaus; the 7B reference runs top-4 of 8.
 DEFAULT_TOP_K = 4
 # Non-tensor files a model directory carries over unchanged (tokenizer + generation defaults).
@@ -150,7 +151,7 @@ def read_merged(path: str | Path) -> Merged:
     if config.get("model_type") != "flex_olmo":
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not a merged checkpoint (flex_olmo)")
     meta = read_json(path / MERGED_META, "flexmoe merged checkpoint")
-    manifest.check(path, meta, MERGED_META, remake="the merge / add / remove that wrote it",
+    manifest.check(path, meta, MERGED_META, remake=MERGED_REMAKE,
                    hashed=manifest.small_files(meta))
     try:
         if meta.get("format") != MERGED_FORMAT:

@@ -25,6 +25,7 @@ from flexmoe.model.keys import FFN_PROJS, dense_ffn_key, package_bias_key, packa
 PACKAGE_TENSORS = "expert.safetensors"
 PACKAGE_CARD = "expert.json"
 FORMAT = "flexmoe-expert/1"
+PACKAGE_REMAKE = "`flexmoe train-expert` (or `extract`)"  # for damaged-file errors
 PUBLIC_NAME = "public"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -115,7 +116,7 @@ def read_package(path: str | Path) -> ExpertPackage:
     if not card_file.is_file():
         raise CheckpointError(f"{path}: not an expert package (no {PACKAGE_CARD})")
     data = read_json(card_file, "expert package", FORMAT, label="expert card")
-    manifest.check(path, data, PACKAGE_CARD, remake="`flexmoe train-expert` (or `extract`)",
+    manifest.check(path, data, PACKAGE_CARD, remake=PACKAGE_REMAKE,
                    hashed=manifest.small_files(data))
     try:
         card = ExpertCard.from_json(data)

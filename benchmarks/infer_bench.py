@@ -355,8 +355,8 @@ def stock_load_check(errors) -> dict:
     from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
     from flexmoe.infer import fast_generate
-    from flexmoe.model.keys import router_bias_key
-    from flexmoe.model.load import BIAS_FILE, load_model
+    from flexmoe.io.keys import router_bias_key
+    from flexmoe.checkpoint.load import BIAS_FILE, load_model
 
     res = {}
     try:

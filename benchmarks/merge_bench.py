@@ -76,7 +76,7 @@ def _time_cp(srcs: list[Path], dst: Path) -> tuple[float, float]:
 def run_op(op: str, args: list[str]) -> None:
     """Child side: one surgery verb, timed without interpreter start-up; prints one JSON line."""
     t0 = time.perf_counter()
-    from flexmoe import surgery
+    from flexmoe.checkpoint import surgery
     from flexmoe.config import MergeConfig
 
     t_import = time.perf_counter() - t0

@@ -24,7 +24,7 @@ def setup(work: Path, preset: str) -> None:
     import torch
 
     from flexmoe import presets
-    from flexmoe.model.upcycle import DTYPES
+    from flexmoe.expert.upcycle import DTYPES
     from flexmoe.testing import build_synthetic_anchor, save_tiny_tokenizer
 
     shape = presets.get(preset)

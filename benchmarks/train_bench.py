@@ -193,7 +193,7 @@ def _run_flexmoe_row(row: dict) -> dict:
     from flexmoe.config import Device, TrainConfig
     from flexmoe.data import PackedData
     from flexmoe.io.anchor import read_anchor
-    from flexmoe.model.upcycle import load_dense, random_row, upcycle
+    from flexmoe.expert.upcycle import load_dense, random_row, upcycle
     from flexmoe.train.loop import train
 
     cuda = torch.cuda.is_available()

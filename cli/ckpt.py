@@ -176,7 +176,7 @@ def verify(path, as_json):
       flexmoe verify runs/merged
       flexmoe verify runs/experts/code --json
     """
-    from flexmoe.verify import report_lines
+    from flexmoe.checkpoint.verify import report_lines
 
     res = api.verify(path)
     click.echo(json.dumps(res.to_json(), indent=2) if as_json else "\n".join(report_lines(res)))

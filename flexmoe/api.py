@@ -124,7 +124,7 @@ def _run_identity(train: TrainConfig, **extra) -> dict:
 def _public_source(embedder: _Path | None, row_file: _Path | None):
     """The router embedder of a new anchor: a folder, or a row file of the public data made by `embed-domain`
     (for machines that cannot hold the embedder). Checked before any slow work; returns a `RowFile` or None."""
-    from flexmoe.embed import embedder_identity, read_row_file
+    from flexmoe.router.embed import embedder_identity, read_row_file
 
     if (embedder is None) == (row_file is None):
         raise _ConfigError("give the router embedder as --embedder PATH, or --public-row FILE made with "
@@ -138,7 +138,7 @@ def _public_source(embedder: _Path | None, row_file: _Path | None):
 def _public_row(docs, embedder: _Path | None, rows, hidden: int, *, num_docs: int, seed: int, device: str,
                 progress: bool):
     """r_pub in model space, the embedder's identity, and the projection (when its dim != hidden)."""
-    from flexmoe.embed import embedder_identity, mean_embedding
+    from flexmoe.router.embed import embedder_identity, mean_embedding
     from flexmoe.io.anchor import ProjectionSpec, make_projection
 
     if rows is not None:
@@ -252,7 +252,7 @@ def train_anchor(cfg: TrainAnchorConfig, out: str | _Path, overwrite: bool = Fal
     num_params = sum(p.numel() for p in model.parameters())
     fingerprint = ""
     if _is_main(cfg.device):
-        from flexmoe.model.upcycle import DTYPES
+        from flexmoe.expert.upcycle import DTYPES
 
         if fsdp.is_sharded(model):  # FSDP2: every tensor was trained, so every tensor was gathered here
             model = fsdp.unsharded_copy(model, lambda: Olmo2ForCausalLM(config))
@@ -321,7 +321,7 @@ def init_anchor(cfg: InitAnchorConfig, out: str | _Path, overwrite: bool = False
 def embed_domain(cfg: EmbedConfig, out: str | _Path, overwrite: bool = False, *, progress: bool = True) -> EmbedResult:
     """Write a router-row file: the mean embedding of up to `cfg.num_docs` documents sampled with `cfg.seed`."""
     from flexmoe.data import load_documents
-    from flexmoe.embed import embedder_identity, mean_embedding, write_row_file
+    from flexmoe.router.embed import embedder_identity, mean_embedding, write_row_file
     from flexmoe.io.atomic import check_output
 
     out = check_output(out, overwrite)
@@ -352,8 +352,8 @@ def _router_row(cfg: ExpertSpec, anchor):
 
     The embedder or row file is checked against the anchor here, before any slow work.
     """
-    from flexmoe.embed import check_same_embedder, embedder_identity, mean_embedding, read_row_file
-    from flexmoe.model.upcycle import hidden_mean_row, random_row
+    from flexmoe.router.embed import check_same_embedder, embedder_identity, mean_embedding, read_row_file
+    from flexmoe.expert.upcycle import hidden_mean_row, random_row
 
     source, router = cfg.router.source, cfg.router
     if source == RouterSource.EMBEDDING:
@@ -435,7 +435,7 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
     from flexmoe.io.atomic import atomic_dir, check_output
     from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
     from flexmoe.config import BiasUpdate
-    from flexmoe.model.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
+    from flexmoe.expert.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
                                        export_package_tensors, fill_expert_, load_dense, project_biases_)
     from flexmoe.train.loop import train
     from flexmoe.train.state import latest_checkpoint
@@ -498,15 +498,15 @@ def train_expert(cfg: ExpertSpec, out: str | _Path, overwrite: bool = False, res
 
 
 # ---- checkpoint verbs: merge, add, remove, extract, inspect, load_model ----
-# Streaming key-level surgery (flexmoe/surgery.py, flexmoe/inspection.py): neither imports transformers nor any
+# Streaming key-level surgery (flexmoe/checkpoint/surgery.py, flexmoe/checkpoint/inspection.py): neither imports transformers nor any
 # training code.
 from pathlib import Path  # noqa: E402
 
 from flexmoe.config import MergeConfig  # noqa: E402
-from flexmoe.inspection import ExpertInfo, InspectResult, ShardInfo  # noqa: E402,F401
-from flexmoe.surgery import CheckpointResult, ExtractResult  # noqa: E402,F401
-from flexmoe import inspection as _inspection  # noqa: E402
-from flexmoe import surgery as _surgery  # noqa: E402
+from flexmoe.checkpoint.inspection import ExpertInfo, InspectResult, ShardInfo  # noqa: E402,F401
+from flexmoe.checkpoint.surgery import CheckpointResult, ExtractResult  # noqa: E402,F401
+from flexmoe.checkpoint import inspection as _inspection  # noqa: E402
+from flexmoe.checkpoint import surgery as _surgery  # noqa: E402
 
 
 def merge(anchor: str | Path, experts: list[str | Path], out: str | Path,
@@ -536,22 +536,22 @@ def inspect(path: str | Path, *, verify: bool = False) -> InspectResult:
 
 
 def verify(path: str | Path):
-    """Check every file of a flexmoe folder against its manifest, and its fingerprints (flexmoe/verify.py);
+    """Check every file of a flexmoe folder against its manifest, and its fingerprints (flexmoe/checkpoint/verify.py);
     returns a `VerifyResult` whose `ok` says whether all holds."""
-    from flexmoe.verify import verify as _verify
+    from flexmoe.checkpoint.verify import verify as _verify
 
     return _verify(path)
 
 
 def load_model(path: str | Path, *, dtype=None, device=None, experts_implementation: str | None = None,
                apply_bias: bool = True, fast: bool = False):
-    """`FlexOlmoForCausalLM` from a merged folder, with the expert biases applied (see flexmoe/model/load.py).
+    """`FlexOlmoForCausalLM` from a merged folder, with the expert biases applied (see flexmoe/checkpoint/load.py).
 
     `fast=True` switches to flexmoe's inference path (flexmoe/infer): the registered sort + grouped-GEMM experts
     kernel, fused norms, and `flexmoe.infer.fast_generate` decoding over a static cache with CUDA graphs and
     compiled decode steps on CUDA. The checkpoint is unchanged; the model still works with `generate`.
     """
-    from flexmoe.model.load import load_model as _load
+    from flexmoe.checkpoint.load import load_model as _load
 
     model = _load(path, dtype=dtype, device=device, experts_implementation=experts_implementation,
                   apply_bias=apply_bias)
@@ -656,7 +656,7 @@ def generate(cfg):
     return run_generate(cfg)
 
 
-# ---- router tuning verbs: tune_router, select_proxy (flexmoe/tune.py, flexmoe/proxy.py) ----
+# ---- router tuning verbs: tune_router, select_proxy (flexmoe/router/tune.py, flexmoe/router/proxy.py) ----
 
 from flexmoe.config import ProxyConfig, RouterTuneConfig  # noqa: E402
 
@@ -677,14 +677,14 @@ class TuneResult:
 def tune_router(cfg: RouterTuneConfig, out: str | _Path, overwrite: bool = False, resume: bool = False, *,
                 on_step: _Callable[[int], None] | None = None, progress: bool = True) -> TuneResult:
     """Router tuning (FLEXOLMO.md §4): train only the owners' router rows and biases of `cfg.merged` on public proxy
-    data; write the tuned merged checkpoint at `out` (flexmoe/tune.py says why r_pub stays frozen)."""
+    data; write the tuned merged checkpoint at `out` (flexmoe/router/tune.py says why r_pub stays frozen)."""
     import torch
 
     from flexmoe import __version__
-    from flexmoe import tune as T
+    from flexmoe.router import tune as T
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import check_output
-    from flexmoe.model.load import load_model
+    from flexmoe.checkpoint.load import load_model
     from flexmoe.train.loop import train
 
     merged = _Path(cfg.merged)
@@ -721,9 +721,9 @@ def tune_router(cfg: RouterTuneConfig, out: str | _Path, overwrite: bool = False
 
 def select_proxy(cfg: ProxyConfig, out: str | _Path, overwrite: bool = False, *, progress: bool = True):
     """Write the share `cfg.fraction` of the public documents that a classifier over sentence embeddings finds
-    most like the domain, as `.jsonl` with a `text` field (flexmoe/proxy.py). Returns a `flexmoe.proxy.ProxyResult`."""
+    most like the domain, as `.jsonl` with a `text` field (flexmoe/router/proxy.py). Returns a `flexmoe.router.proxy.ProxyResult`."""
     from flexmoe.io.atomic import check_output
-    from flexmoe.proxy import select_proxy as _select
+    from flexmoe.router.proxy import select_proxy as _select
 
     out = check_output(out, overwrite)
     return _select(cfg, out, device=_device(cfg.device), progress=progress)

@@ -127,7 +127,7 @@ def build_random_package(out_dir: str | Path, anchor: str | Path, name: str, see
     from flexmoe.io.package import ExpertCard, write_package
     from flexmoe.io.reader import LazyReader
     from flexmoe.io.safetensors_format import DTYPE_TO_TORCH
-    from flexmoe.model.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
+    from flexmoe.io.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
 
     a = read_anchor(anchor)
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +242,7 @@ def build_synthetic_package(out_dir: str | Path, anchor: str | Path, name: str, 
     from flexmoe.io.reader import LazyReader
     from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
     from flexmoe.io.writer import ShardWriter
-    from flexmoe.model.keys import parse_dense_ffn
+    from flexmoe.io.keys import parse_dense_ffn
 
     a = read_anchor(anchor)
     with LazyReader.from_dir(anchor) as r:

@@ -37,7 +37,7 @@ class EvalModels:
         from safetensors.torch import save_file
         from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
-        from flexmoe.model.keys import router_bias_key
+        from flexmoe.io.keys import router_bias_key
         from flexmoe.testing import save_random_olmo2, tiny_olmo2_config
 
         self.dense = save_random_olmo2(root / "dense", seed=0)
@@ -80,7 +80,7 @@ def eval_data() -> dict[str, Path]:
     return {d: FIXTURES / d / "eval.jsonl" for d in ("public", "code", "speeches")}
 
 
-# ---- checkpoint tool (tests/test_surgery.py, tests/model/test_load.py, tests/cli/test_ckpt_cli.py, tests/io) ----
+# ---- checkpoint tool (tests/checkpoint/test_surgery.py, tests/model/test_load.py, tests/cli/test_ckpt_cli.py, tests/io) ----
 
 class CkptInputs:
     """Tiny anchors and expert packages, built once without any training code. Tests must not modify them."""

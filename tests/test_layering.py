@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-FORBIDDEN = ("transformers", "accelerate", "sentence_transformers", "datasets", "flexmoe.train", "flexmoe.embed",
+FORBIDDEN = ("transformers", "accelerate", "sentence_transformers", "datasets", "flexmoe.train", "flexmoe.router.embed",
              "flexmoe.eval")
 
 SCRIPT = """
 import json, sys
-from flexmoe import inspection, surgery
+from flexmoe.checkpoint import inspection, surgery
 from flexmoe.config import MergeConfig
 anchor, pkg, out = sys.argv[1:4]
 surgery.merge(anchor, [pkg], out, MergeConfig(progress=False))
@@ -30,5 +30,5 @@ def test_surgery_imports_no_model_or_training_stack(ckpt, tmp_path):
     loaded = json.loads(res.stdout.strip().splitlines()[-1])
     bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert not bad, f"checkpoint surgery imported {bad[:5]}"
-    assert "flexmoe.surgery" in loaded and "flexmoe.cli.ckpt" in loaded
+    assert "flexmoe.checkpoint.surgery" in loaded and "flexmoe.cli.ckpt" in loaded
     assert (tmp_path / "m-r" / "config.json").is_file() and (tmp_path / "m-cli" / "config.json").is_file()

@@ -189,19 +189,19 @@ def model_type(path: str | Path) -> str:
 
 def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.device = "cpu",
                    experts_implementation: str | None = None) -> torch.nn.Module:
-    """A model directory as an eval-mode float32 module: flex_olmo through `flexmoe.model.load.load_model`
+    """A model directory as an eval-mode float32 module: flex_olmo through `flexmoe.checkpoint.load.load_model`
     (expert bias applied) unless `bias=False` (stock transformers, no bias); any other causal LM through
     AutoModelForCausalLM. `experts_implementation` (eager, batched_mm, grouped_mm) applies to flex_olmo only."""
     from safetensors import SafetensorError
 
-    from flexmoe.verify import check_files
+    from flexmoe.checkpoint.verify import check_files
 
     kind = model_type(path)
     device = torch.device(device) if isinstance(device, str) else device
     impl = {"experts_implementation": experts_implementation} if kind == "flex_olmo" and experts_implementation else {}
     try:
         if kind == "flex_olmo" and bias:
-            from flexmoe.model.load import load_model
+            from flexmoe.checkpoint.load import load_model
 
             model = load_model(path, dtype=torch.float32, device=device, **impl)  # checks the files itself
         else:

@@ -6,7 +6,7 @@
   graphs per batch bucket.
 
 The checkpoint format is untouched; the expert bias comes from the model's routers (`BiasedTopKRouter` after
-`flexmoe.model.load.load_model`), which run unchanged inside the captured step.
+`flexmoe.checkpoint.load.load_model`), which run unchanged inside the captured step.
 """
 
 from __future__ import annotations

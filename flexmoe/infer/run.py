@@ -33,7 +33,7 @@ class GenerateResult:
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.eval.bpb import load_tokenizer, model_type, resolve_device
-    from flexmoe.model.load import load_model
+    from flexmoe.checkpoint.load import load_model
 
     cfg.validate()
     device = resolve_device(cfg.device)

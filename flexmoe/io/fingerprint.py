@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import anchor_view_key
+from flexmoe.io.keys import anchor_view_key
 
 
 def _hash_reader(reader: LazyReader, names: dict[str, str]) -> str:

@@ -21,7 +21,7 @@ from flexmoe.io.package import PUBLIC_NAME
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
 from flexmoe.io.writer import ShardWriter
-from flexmoe.model.keys import FFN_PROJS, expert_key, router_bias_key, router_key
+from flexmoe.io.keys import FFN_PROJS, expert_key, router_bias_key, router_key
 
 MERGED_META = "flexmoe.json"
 BIAS_FILE = "flexmoe_router_bias.safetensors"

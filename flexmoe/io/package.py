@@ -20,7 +20,7 @@ from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
 from flexmoe.io.writer import ShardWriter
-from flexmoe.model.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
+from flexmoe.io.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
 
 PACKAGE_TENSORS = "expert.safetensors"
 PACKAGE_CARD = "expert.json"

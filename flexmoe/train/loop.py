@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.errors import ConfigError
-from flexmoe.model.upcycle import ExpertMoEBlock, compute_dtype, public_route_loss, router_z_loss
+from flexmoe.expert.upcycle import ExpertMoEBlock, compute_dtype, public_route_loss, router_z_loss
 from flexmoe.train import fsdp
 from flexmoe.train.state import TrainState, latest_checkpoint, load_state, save_state
 

@@ -32,7 +32,7 @@ def test_flop_count_is_what_a_training_step_executes(bench, tmp_path, mode):
     from torch.utils.flop_counter import FlopCounterMode
 
     from flexmoe.io.anchor import read_anchor
-    from flexmoe.model.upcycle import load_dense, random_row, upcycle
+    from flexmoe.expert.upcycle import load_dense, random_row, upcycle
     from flexmoe.testing import build_synthetic_anchor
     from flexmoe.train.loop import CausalLMLoss
 

@@ -120,7 +120,7 @@ def _mkdir(path: Path) -> Path:
 
 
 def _merged(c, t: Path, shard_size: str = "5GB") -> Path:
-    from flexmoe import surgery
+    from flexmoe.checkpoint import surgery
     from flexmoe.config import MergeConfig
 
     surgery.merge(c.anchor, [c.pkg["code"], c.pkg["news"]], t / "m", MergeConfig(progress=False, shard_size=shard_size))
@@ -151,7 +151,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(ckpt, tmp_path, case, digest):
 
 KILL_SCRIPT = """
 import sys
-from flexmoe import surgery
+from flexmoe.checkpoint import surgery
 from flexmoe.config import MergeConfig
 surgery.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], MergeConfig(progress=False, shard_size="32MB"))
 """

@@ -54,7 +54,7 @@ def test_whole_flow_through_the_cli(train_inputs, tmp_path):
 
 def test_anchor_from_a_public_row_file(train_inputs, tmp_path):
     """Where the embedder cannot go (a GPU box): embed the public data elsewhere, carry the row file."""
-    from flexmoe.embed import embedder_identity
+    from flexmoe.router.embed import embedder_identity
     from flexmoe.io.anchor import read_anchor
 
     r = _run("embed-domain", "--data", train_inputs.public, "--embedder", train_inputs.embedder, "--out", "pub.row",

@@ -98,7 +98,7 @@ def test_expert_bias_is_applied_unless_no_bias(eval_models, eval_data, tmp_path)
 
     from safetensors.torch import save_file
 
-    from flexmoe.model.keys import router_bias_key
+    from flexmoe.io.keys import router_bias_key
 
     path = shutil.copytree(eval_models.flex["flex3"], tmp_path / "m")
     # A large negative bias on "speeches" keeps it out of every top-2; a positive one is clamped to 0.

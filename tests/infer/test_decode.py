@@ -24,7 +24,7 @@ def _model(num_experts=4, k=2, layers=2, seed=0) -> FlexOlmoForCausalLM:
 
 
 def _biased(model, seed=3):
-    from flexmoe.model.load import apply_expert_bias
+    from flexmoe.checkpoint.load import apply_expert_bias
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -82,7 +82,7 @@ def test_greedy_matches_stock_with_bias():
 
 
 def test_zero_bias_is_identical_to_stock():
-    from flexmoe.model.load import apply_expert_bias
+    from flexmoe.checkpoint.load import apply_expert_bias
 
     model = _model()
     ids, mask = _prompts(batch=2)

@@ -78,7 +78,7 @@ def test_graphs_replay_exactly_what_eager_steps_compute():
 
 def test_fp32_graphs_match_stock_eager_with_bias():
     from flexmoe.infer import enable_fast_path
-    from flexmoe.model.load import apply_expert_bias
+    from flexmoe.checkpoint.load import apply_expert_bias
 
     m = _model(torch.float32)
     apply_expert_bias(m, -2 * torch.rand(2, 4))
@@ -108,8 +108,8 @@ def test_checkpoint_still_loads_in_stock_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from flexmoe.infer import fast_generate
-    from flexmoe.model.keys import router_bias_key
-    from flexmoe.model.load import BIAS_FILE, load_model
+    from flexmoe.io.keys import router_bias_key
+    from flexmoe.checkpoint.load import BIAS_FILE, load_model
 
     m = _model(torch.float32).cpu()
     m.save_pretrained(tmp_path)

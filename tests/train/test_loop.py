@@ -14,8 +14,8 @@ from flexmoe.io.anchor import read_anchor
 from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, package_keys, read_package
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import dense_ffn_key, is_shared
-from flexmoe.model.upcycle import expert_blocks, random_row, upcycle
+from flexmoe.io.keys import dense_ffn_key, is_shared
+from flexmoe.expert.upcycle import expert_blocks, random_row, upcycle
 from flexmoe.train.loop import lr_at, mean_loss, train
 from flexmoe.train.state import OPTIMIZER, latest_checkpoint, work_dir
 
@@ -121,7 +121,7 @@ def test_resume_continues_where_it_stopped(train_inputs, tmp_path):
 
 def test_anchor_training_resumes_to_the_same_anchor(train_inputs, tmp_path):
     from flexmoe.config import TrainAnchorConfig
-    from flexmoe.embed import MeanEmbedding, embedder_identity, write_row_file
+    from flexmoe.router.embed import MeanEmbedding, embedder_identity, write_row_file
 
     row = write_row_file(tmp_path / "pub.row", MeanEmbedding(torch.randn(32), 1, 1, 0),
                          embedder_identity(train_inputs.embedder))  # r_pub given: no embedder to load three times
@@ -141,7 +141,7 @@ def test_anchor_training_resumes_to_the_same_anchor(train_inputs, tmp_path):
 
 
 def test_package_holds_only_the_trained_tensors_and_a_card(train_inputs, tmp_path):
-    from flexmoe.embed import embedder_identity
+    from flexmoe.router.embed import embedder_identity
 
     spec = _spec(train_inputs, router=RouterInit(source=RouterSource.EMBEDDING, num_docs=10),
                  train=_cfg(max_steps=4))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.io.anchor import read_anchor
-from flexmoe.model.upcycle import expert_blocks, random_row, router_z_loss, upcycle
+from flexmoe.expert.upcycle import expert_blocks, random_row, router_z_loss, upcycle
 from flexmoe.train import loop
 from flexmoe.train.loop import CausalLMLoss, frozen_matmul_weights, lm_loss, lm_losses, train
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flexmoe.data import load_documents
-from flexmoe.embed import (check_same_embedder, embedder_identity, mean_embedding, read_row_file,
+from flexmoe.router.embed import (check_same_embedder, embedder_identity, mean_embedding, read_row_file,
                            write_row_file)
 from flexmoe.errors import CheckpointError, ConfigError
 
@@ -63,7 +63,7 @@ def test_row_file_round_trip(train_inputs, tmp_path):
 
 def test_a_document_is_judged_by_all_its_chunks_not_its_opening(train_inputs):
     """select-proxy and router rows share `document_embeddings`: text past the embedder's length counts."""
-    from flexmoe.embed import document_embeddings, load_embedder
+    from flexmoe.router.embed import document_embeddings, load_embedder
 
     model = load_embedder(train_inputs.embedder)
     opening = " ".join(["the lord said"] * 60)  # past the 128-token limit on its own

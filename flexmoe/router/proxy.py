@@ -5,7 +5,7 @@ sample of each; every public candidate is then scored, and the share `fraction` 
 Run it once per domain and give all outputs to `tune-router`: the proxy data stands in for the owners' data,
 which router tuning never sees.
 
-Each document is embedded as router rows are (`flexmoe.embed.document_embeddings`): the mean of its unit-normalised
+Each document is embedded as router rows are (`flexmoe.router.embed.document_embeddings`): the mean of its unit-normalised
 chunk embeddings, up to `max_chunks_per_doc` chunks of the embedder's maximum length spread over the document, so
 a long document is judged by more than its opening. The classifier starts from zeros and is fitted full-batch in float64 by L-BFGS for a fixed
 number of iterations, with balanced class weights and a small L2 penalty, so the same inputs give the same choice.
@@ -22,7 +22,7 @@ import torch
 
 from flexmoe.config import ProxyConfig
 from flexmoe.data import load_documents
-from flexmoe.embed import document_embeddings, load_embedder
+from flexmoe.router.embed import document_embeddings, load_embedder
 from flexmoe.errors import ConfigError, DataError
 from flexmoe.io.atomic import atomic_write_text
 

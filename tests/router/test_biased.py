@@ -7,7 +7,7 @@ import torch
 from transformers import FlexOlmoConfig
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 
-from flexmoe.model.router import BiasedTopKRouter
+from flexmoe.router.biased import BiasedTopKRouter
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from torch import nn
 from flexmoe.errors import CheckpointError
 from flexmoe.io.anchor import Anchor
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import dense_ffn_key, is_matmul_weight, is_shared, package_bias_key, package_row_key
+from flexmoe.io.keys import dense_ffn_key, is_matmul_weight, is_shared, package_bias_key, package_row_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAINABLE = ("owner_gate_up", "owner_down", "owner_row", "bias")

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexmoe import inspection, surgery
+from flexmoe.checkpoint import inspection, surgery
 from flexmoe.config import MergeConfig
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, IntegrityError, OutputExistsError
 from flexmoe.testing import drop_manifest
-from flexmoe.model.keys import natural_order
+from flexmoe.io.keys import natural_order
 from flexmoe.io.anchor import read_anchor
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
+from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
                                 router_bias_key, router_key)
 
 Q = MergeConfig(progress=False)

@@ -6,8 +6,8 @@ import torch
 from flexmoe.io.anchor import read_anchor
 from flexmoe.io.package import package_keys
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import dense_ffn_key, is_shared, package_bias_key, package_row_key
-from flexmoe.model.upcycle import (ExpertMoEBlock, expert_blocks, export_package_tensors, flex_config,
+from flexmoe.io.keys import dense_ffn_key, is_shared, package_bias_key, package_row_key
+from flexmoe.expert.upcycle import (ExpertMoEBlock, expert_blocks, export_package_tensors, flex_config,
                                    hidden_mean_row, import_package_tensors, random_row, upcycle)
 
 TRAINABLE = {"owner_gate_up", "owner_down", "owner_row", "bias"}
@@ -167,7 +167,7 @@ def test_frozen_matmul_weights_held_in_bf16_give_the_same_bf16_run(anchor):
 def test_skeleton_holds_no_data_and_fill_puts_every_tensor_once(anchor):
     """What FSDP relies on: the skeleton allocates nothing, and `fill_expert_` hands every parameter its full
     value exactly once, through `put`, giving the model `upcycle` builds."""
-    from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+    from flexmoe.expert.upcycle import expert_skeleton, fill_expert_
     from flexmoe.testing import drop_manifest
 
     skeleton = expert_skeleton(anchor, top_k=2)
@@ -194,7 +194,7 @@ def test_fill_refuses_an_anchor_missing_a_tensor(anchor, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from flexmoe.errors import CheckpointError
-    from flexmoe.model.upcycle import expert_skeleton, fill_expert_
+    from flexmoe.expert.upcycle import expert_skeleton, fill_expert_
     from flexmoe.testing import drop_manifest
 
     broken = tmp_path / "anchor"

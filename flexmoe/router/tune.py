@@ -27,8 +27,8 @@ from flexmoe.io.atomic import atomic_dir
 from flexmoe.io.merged import MERGED_META, ROUTER_TUNING, read_merged, write_merged_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
-from flexmoe.model.keys import natural_order, parse_router_key, router_key
-from flexmoe.model.router import BiasedTopKRouter
+from flexmoe.io.keys import natural_order, parse_router_key, router_key
+from flexmoe.router.biased import BiasedTopKRouter
 
 
 

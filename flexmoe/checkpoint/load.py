@@ -9,10 +9,10 @@ import torch
 from safetensors import SafetensorError
 
 from flexmoe.errors import CheckpointError
-from flexmoe.verify import check_files
+from flexmoe.checkpoint.verify import check_files
 from flexmoe.io.merged import BIAS_FILE
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import router_bias_key
+from flexmoe.io.keys import router_bias_key
 
 
 def read_biases(model_dir: str | Path, num_layers: int, num_experts: int) -> torch.Tensor | None:
@@ -30,7 +30,7 @@ def read_biases(model_dir: str | Path, num_layers: int, num_experts: int) -> tor
 
 def apply_expert_bias(model, biases: torch.Tensor | None) -> None:
     """Swap every layer's `mlp.gate` for a `BiasedTopKRouter` that shares its weight; biases: (L, E) or None (zeros)."""
-    from flexmoe.model.router import BiasedTopKRouter
+    from flexmoe.router.biased import BiasedTopKRouter
 
     for layer, block in enumerate(model.model.layers):
         bias = None if biases is None else biases[layer]

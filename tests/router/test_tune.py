@@ -15,7 +15,7 @@ from flexmoe.errors import ConfigError, OutputExistsError
 from flexmoe.io.merged import BIAS_FILE, MERGED_META
 from flexmoe.io.package import package_keys, read_package
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import package_row_key, parse_router_key, router_bias_key, router_key
+from flexmoe.io.keys import package_row_key, parse_router_key, router_bias_key, router_key
 from flexmoe.train.state import latest_checkpoint, work_dir
 
 LAYERS = 2
@@ -134,8 +134,8 @@ def test_tunable_router_routes_like_the_biased_router():
     freedom a trainable r_pub would add) changes no probability: why r_pub can stay frozen."""
     from transformers import FlexOlmoConfig
 
-    from flexmoe.model.router import BiasedTopKRouter
-    from flexmoe.tune import TunableRouter
+    from flexmoe.router.biased import BiasedTopKRouter
+    from flexmoe.router.tune import TunableRouter
 
     config = FlexOlmoConfig(hidden_size=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 Stock transformers' router has no bias slot, and the bias cannot be folded into the router weight because the
 router reads the un-normalised residual stream. So merged checkpoints keep the biases in a sidecar file that stock
-`from_pretrained` never reads, and `flexmoe.model.load.load_model` swaps each router for this class.
+`from_pretrained` never reads, and `flexmoe.checkpoint.load.load_model` swaps each router for this class.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, Expe
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import ShardWriter, parse_size
-from flexmoe.model.keys import (FFN_PROJS, dense_ffn_key, expert_key, natural_order, package_bias_key,
+from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, natural_order, package_bias_key,
                                 package_row_key, parse_dense_ffn, parse_expert_key, parse_router_key, router_key)
 
 

@@ -28,7 +28,7 @@ from flexmoe.io.merged import BIAS_FILE, MERGED_META
 from flexmoe.io.reader import INDEX_NAME, LazyReader, model_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import DEFAULT_SHARD_BYTES, ShardWriter
-from flexmoe.model.keys import FFN_PROJS, expert_key, parse_expert_key, parse_router_key, router_bias_key
+from flexmoe.io.keys import FFN_PROJS, expert_key, parse_expert_key, parse_router_key, router_bias_key
 
 
 # An output tensor is copied as raw bytes from the source (str: the source key) or computed (a callable).

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexmoe.baselines import soup, with_router_rows
+from flexmoe.checkpoint.baselines import soup, with_router_rows
 from flexmoe.errors import ConfigError, OutputExistsError
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import FFN_PROJS, expert_key, router_bias_key, router_key
+from flexmoe.io.keys import FFN_PROJS, expert_key, router_bias_key, router_key
 
 BIAS = "flexmoe_router_bias.safetensors"
 

@@ -12,7 +12,7 @@ from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.merged import MERGED_META, read_merged
 from flexmoe.io.package import PACKAGE_CARD, PUBLIC_NAME, read_package
 from flexmoe.io.reader import LazyReader, model_files
-from flexmoe.model.keys import FFN_PROJS, dense_ffn_key, expert_key
+from flexmoe.io.keys import FFN_PROJS, dense_ffn_key, expert_key
 
 
 @dataclass

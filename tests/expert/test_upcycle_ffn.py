@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexmoe.model.upcycle import SwiGLUFFN, compute_dtype
+from flexmoe.expert.upcycle import SwiGLUFFN, compute_dtype
 
 
 def _plain(h, gate_up, down):

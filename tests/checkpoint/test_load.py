@@ -11,12 +11,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Olmo2ForCausalLM
 
-from flexmoe import surgery
+from flexmoe.checkpoint import surgery
 from flexmoe.config import MergeConfig
 from flexmoe.io.reader import LazyReader
-from flexmoe.model.keys import FFN_PROJS, dense_ffn_key
-from flexmoe.model.load import load_model
-from flexmoe.model.router import BiasedTopKRouter
+from flexmoe.io.keys import FFN_PROJS, dense_ffn_key
+from flexmoe.checkpoint.load import load_model
+from flexmoe.router.biased import BiasedTopKRouter
 
 Q = MergeConfig(progress=False)
 IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))

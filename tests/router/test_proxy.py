@@ -11,7 +11,7 @@ from flexmoe import api
 from flexmoe.config import Device, ProxyConfig
 from flexmoe.data import load_documents
 from flexmoe.errors import ConfigError, OutputExistsError
-from flexmoe.proxy import fit_logistic
+from flexmoe.router.proxy import fit_logistic
 
 
 @pytest.fixture(scope="module")

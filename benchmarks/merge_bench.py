@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from flexmoe.config import AddConfig, RemoveConfig
 
 FULL = dict(vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=16)
 TOY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
@@ -80,14 +81,13 @@ def run_op(op: str, args: list[str]) -> None:
     from flexmoe.config import MergeConfig
 
     t_import = time.perf_counter() - t0
-    cfg = MergeConfig(progress=False)
     t0 = time.perf_counter()
     if op == "merge":
-        surgery.merge(args[0], args[1:-1], args[-1], cfg)
+        surgery.merge(MergeConfig(args[0], args[1:-1]), args[-1], progress=False)
     elif op == "add":
-        surgery.add(args[0], args[1], args[2], cfg)
+        surgery.add(AddConfig(args[0], args[1]), args[2], progress=False)
     elif op == "remove":
-        surgery.remove(args[0], args[1], args[2], cfg)
+        surgery.remove(RemoveConfig(args[0], args[1]), args[2], progress=False)
     elif op != "idle":
         raise SystemExit(f"unknown op {op}")
     print(json.dumps({"op_s": time.perf_counter() - t0, "import_s": t_import, "peak_rss": _peak_rss()}))

@@ -73,7 +73,7 @@ def run(steps: int, out_json: Path, args: list[str]) -> None:
     main(["train-expert", *args, "--max-steps", str(steps)], standalone_mode=False)
     if os.environ.get("RANK", "0") != "0":
         return
-    r = found["result"]
+    r = found["result"].train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = r.tokens // r.steps
     steady = (len(stamps) - 1 - WARMUP) * tokens_per_step / (stamps[-1] - stamps[WARMUP])

@@ -45,17 +45,17 @@ def main() -> None:
         tmp = Path(tmp)
         emb = build_random_embedder(tmp / "embedder", dim=32)
         for i in range(args.repeat):
-            anchor = api.train_anchor(TrainAnchorConfig(data=[public], embedder=emb, max_steps=args.steps,
-                                                        device=Device.CPU), tmp / "anchor", overwrite=True,
-                                      progress=False)
-            rows.setdefault("dense anchor (all params)", []).append(anchor.tokens_per_s)
+            train = presets.training("tiny", max_steps=args.steps, device=Device.CPU)
+            anchor = api.train_anchor(TrainAnchorConfig(data=[public], embedder=emb, train=train), tmp / "anchor",
+                                      overwrite=True, progress=False)
+            rows.setdefault("dense anchor (all params)", []).append(anchor.train.tokens_per_s)
             for k in (2, 1):
                 spec = ExpertSpec(name="code", data=[code], anchor=tmp / "anchor", embedder=emb, train_top_k=k,
                                   router_training=RouterTraining(public_data=[public]),
                                   train=TrainConfig(max_steps=args.steps, batch_size=tiny.batch_size,
                                                     seq_len=tiny.seq_len, lr=1e-3, device=Device.CPU))
                 res = api.train_expert(spec, tmp / f"code{k}", overwrite=True, progress=False)
-                rows.setdefault(f"train-expert top-{k}", []).append(res.tokens_per_s)
+                rows.setdefault(f"train-expert top-{k}", []).append(res.train.tokens_per_s)
     print(json.dumps({"preset": "tiny", "batch": tiny.batch_size, "seq_len": tiny.seq_len, "steps": args.steps,
                       "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                       "cores": os.cpu_count(), "torch": torch.__version__}))

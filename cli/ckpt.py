@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from flexmoe import api
 from flexmoe.cli import main
-from flexmoe.config import MergeConfig
+from flexmoe.cli import options as o
+from flexmoe.config import SHARD_SIZE, AddConfig, ExtractConfig, MergeConfig, RemoveConfig
 from flexmoe.errors import ConfigError
 
-_path = click.Path(path_type=Path)
-_json_flag = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-_shard_flag = click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-_overwrite_flag = click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
-_quiet_flag = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_path = o.PATH
+_shard_flag = click.option("--shard-size", default=SHARD_SIZE, show_default=True, help="Largest output shard.")
 
 
 def _report(result, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
-        return
-    click.echo(f"wrote {result.out}: experts {', '.join(result.experts)} (E={len(result.experts)}), "
-               f"top-k {result.top_k}, {len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB "
-               f"in {result.seconds:.1f}s")
-    for note in result.notes:
-        click.echo(note)
+    text = (f"wrote {result.out}: experts {', '.join(result.experts)} (E={len(result.experts)}), "
+            f"top-k {result.top_k}, {len(result.shards)} shard(s), {result.total_bytes / 1e6:.1f} MB "
+            f"in {result.seconds:.1f}s")
+    o.emit(result, as_json, "\n".join([text, *result.notes]))
 
 
 def _target(merged: Path, out: Path | None, in_place: bool) -> tuple[Path, bool]:
@@ -44,9 +37,9 @@ def _target(merged: Path, out: Path | None, in_place: bool) -> tuple[Path, bool]
 @click.option("--top-k", type=int, default=None, help="Experts per token [default: min(4, E)].")
 @click.option("--verify", is_flag=True, help="Recompute the anchor fingerprint from its tensors first.")
 @_shard_flag
-@_overwrite_flag
-@_quiet_flag
-@_json_flag
+@o.overwrite
+@o.quiet
+@o.as_json
 def merge(anchor, experts, out, top_k, verify, shard_size, overwrite, quiet, as_json):
     """Merge an anchor and expert packages into one transformers FlexOlmo checkpoint.
 
@@ -58,9 +51,8 @@ def merge(anchor, experts, out, top_k, verify, shard_size, overwrite, quiet, as_
       flexmoe merge --anchor runs/anchor --expert runs/code --expert runs/news --out runs/merged
       flexmoe merge --anchor runs/anchor --expert runs/code --out runs/m --top-k 2 --shard-size 2GB
     """
-    cfg = MergeConfig(top_k=top_k, shard_size=shard_size, overwrite=overwrite, verify_fingerprint=verify,
-                      progress=not quiet)
-    _report(api.merge(anchor, list(experts), out, cfg), as_json)
+    cfg = MergeConfig(anchor, list(experts), top_k=top_k, shard_size=shard_size, verify_fingerprint=verify)
+    _report(api.merge(cfg, out, overwrite=overwrite, progress=not quiet), as_json)
 
 
 @main.command()
@@ -71,9 +63,9 @@ def merge(anchor, experts, out, top_k, verify, shard_size, overwrite, quiet, as_
 @click.option("--top-k", type=int, default=None, help="New top-k [default: keep the merge's setting].")
 @click.option("--verify", is_flag=True, help="Recompute MERGED's anchor fingerprint from its tensors first.")
 @_shard_flag
-@_overwrite_flag
-@_quiet_flag
-@_json_flag
+@o.overwrite
+@o.quiet
+@o.as_json
 def add(merged, expert, out, in_place, top_k, verify, shard_size, overwrite, quiet, as_json):
     """Add an expert package to a merged checkpoint (no anchor needed).
 
@@ -83,9 +75,8 @@ def add(merged, expert, out, in_place, top_k, verify, shard_size, overwrite, qui
       flexmoe add runs/merged --expert runs/law --in-place
     """
     out, swap = _target(merged, out, in_place)
-    cfg = MergeConfig(top_k=top_k, shard_size=shard_size, overwrite=overwrite or swap, verify_fingerprint=verify,
-                      progress=not quiet)
-    _report(api.add(merged, expert, out, cfg), as_json)
+    cfg = AddConfig(merged, expert, top_k=top_k, shard_size=shard_size, verify_fingerprint=verify)
+    _report(api.add(cfg, out, overwrite=overwrite or swap, progress=not quiet), as_json)
 
 
 @main.command()
@@ -94,9 +85,9 @@ def add(merged, expert, out, in_place, top_k, verify, shard_size, overwrite, qui
 @click.option("--out", type=_path, help="Output folder.")
 @click.option("--in-place", is_flag=True, help="Replace MERGED (built beside it, swapped in at the end).")
 @_shard_flag
-@_overwrite_flag
-@_quiet_flag
-@_json_flag
+@o.overwrite
+@o.quiet
+@o.as_json
 def remove(merged, name, out, in_place, shard_size, overwrite, quiet, as_json):
     """Remove an expert (its FFN, router row and bias): the owner's opt-out. Top-k becomes min(k, E-1).
 
@@ -106,17 +97,17 @@ def remove(merged, name, out, in_place, shard_size, overwrite, quiet, as_json):
       flexmoe remove runs/merged --expert news --in-place
     """
     out, swap = _target(merged, out, in_place)
-    cfg = MergeConfig(shard_size=shard_size, overwrite=overwrite or swap, progress=not quiet)
-    _report(api.remove(merged, name, out, cfg), as_json)
+    cfg = RemoveConfig(merged, name, shard_size=shard_size)
+    _report(api.remove(cfg, out, overwrite=overwrite or swap, progress=not quiet), as_json)
 
 
 @main.command()
 @click.argument("merged", type=_path)
 @click.option("--expert", "name", required=True, help="Name of the expert to extract.")
 @click.option("--out", required=True, type=_path, help="Output package folder.")
-@_overwrite_flag
-@_quiet_flag
-@_json_flag
+@o.overwrite
+@o.quiet
+@o.as_json
 def extract(merged, name, out, overwrite, quiet, as_json):
     """Write one expert of a merged checkpoint back out as an expert package (bit-exact).
 
@@ -124,17 +115,15 @@ def extract(merged, name, out, overwrite, quiet, as_json):
     Example:
       flexmoe extract runs/merged --expert code --out runs/code-again
     """
-    res = api.extract(merged, name, out, MergeConfig(overwrite=overwrite, progress=not quiet))
-    if as_json:
-        click.echo(json.dumps(res.to_json(), indent=2))
-    else:
-        click.echo(f"wrote expert package {res.out} ({res.name}, {res.num_layers} layers, {res.total_bytes / 1e6:.1f} MB)")
+    res = api.extract(ExtractConfig(merged, name), out, overwrite=overwrite, progress=not quiet)
+    o.emit(res, as_json, f"wrote expert package {res.out} ({res.name}, {res.num_layers} layers, "
+                         f"{res.total_bytes / 1e6:.1f} MB)")
 
 
 @main.command()
 @click.argument("path", type=_path)
 @click.option("--verify", is_flag=True, help="Recompute the anchor fingerprint from the tensors.")
-@_json_flag
+@o.as_json
 def inspect(path, verify, as_json):
     """Show a merged checkpoint, anchor or expert package: experts, sizes, fingerprint, top-k, shards.
 
@@ -145,7 +134,7 @@ def inspect(path, verify, as_json):
     """
     res = api.inspect(path, verify=verify)
     if as_json:
-        click.echo(json.dumps(res.to_json(), indent=2))
+        o.emit(res, True, "")
         return
     click.echo(f"{res.kind} {res.path}: {res.num_layers} layers, hidden {res.hidden_size}, FFN {res.intermediate_size}, "
                f"{res.dtype}, {res.total_bytes / 1e6:.1f} MB")
@@ -162,7 +151,7 @@ def inspect(path, verify, as_json):
 
 @main.command("verify")
 @click.argument("path", type=_path)
-@_json_flag
+@o.as_json
 def verify(path, as_json):
     """Check a merged checkpoint, anchor or expert package completely; exit 0 only if all holds.
 
@@ -179,6 +168,6 @@ def verify(path, as_json):
     from flexmoe.checkpoint.verify import report_lines
 
     res = api.verify(path)
-    click.echo(json.dumps(res.to_json(), indent=2) if as_json else "\n".join(report_lines(res)))
+    o.emit(res, as_json, "\n".join(report_lines(res)))
     if not res.ok:
         raise click.exceptions.Exit(1)

@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from flexmoe.cli import main
+from flexmoe.cli import options as o
+from flexmoe.config import ExpertsKernel
 
 
 @main.command(name="eval")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=o.PATH)
 @click.option("--data", "data", multiple=True, required=True, metavar="DOMAIN=PATH",
               help="Held-out text of one domain (.jsonl with 'text', .txt, or a directory). Repeatable.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), metavar="OUT", help="Write results + routing as JSON here.")
-@click.option("--plots", type=click.Path(path_type=Path), metavar="DIR", help="Write bpb.png and routing_<domain>.png into DIR.")
+@o.as_json
+@o.json_out
+@click.option("--plots", type=o.PATH, metavar="DIR", help="Write bpb.png and routing_<domain>.png into DIR.")
 @click.option("--no-bias", is_flag=True, help="Load a merged checkpoint with stock transformers (no expert bias).")
 @click.option("--top-k", metavar="K|all", help="Route each token to K experts (MoE models only).")
 @click.option("--max-bytes", metavar="N", help="Score at most N bytes of text per domain (e.g. 2MB). Default: all.")
 @click.option("--seq-len", type=int, help="Predictions per window. Default: the model's context (at most 2048).")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@o.device
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward passes.")
-@click.option("--experts-impl", type=click.Choice(["eager", "batched_mm", "grouped_mm"]),
+@click.option("--experts-impl", type=click.Choice([k.value for k in ExpertsKernel]),
               help="transformers' experts kernel for MoE models (default: transformers' choice).")
-@click.option("--ensemble", "ensemble", multiple=True, type=click.Path(path_type=Path), metavar="MODEL",
+@click.option("--ensemble", "ensemble", multiple=True, type=o.PATH, metavar="MODEL",
               help="Mix MODEL with these models BTM-style (weights = posterior of the prefix). Repeatable.")
 @click.option("--ensemble-top-k", type=int, help="Mix only the K most probable ensemble members per token.")
 @click.option("--ensemble-prefix", type=int,
               help="Weight ensemble members by the likelihood of only the last N tokens (default: the whole window).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file or --plots directory.")
-def eval_cmd(model, data, json_out, plots, no_bias, top_k, max_bytes, seq_len, batch_size, device, bf16,
-             experts_impl, ensemble, ensemble_top_k, ensemble_prefix, overwrite):
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json-out file or --plots directory.")
+@o.quiet
+def eval_cmd(model, data, as_json, json_out, plots, no_bias, top_k, max_bytes, seq_len, batch_size, device, bf16,
+             experts_impl, ensemble, ensemble_top_k, ensemble_prefix, overwrite, quiet):
     """Bits per byte of MODEL on each domain's held-out text, plus routing statistics for MoE models.
 
     MODEL is a dense anchor, a 2-expert model or a merged checkpoint. Per domain, documents (capped at
@@ -45,7 +47,7 @@ def eval_cmd(model, data, json_out, plots, no_bias, top_k, max_bytes, seq_len, b
     \b
     Example:
       flexmoe eval runs/merged --data code=data/code/eval.jsonl --data legal=data/legal/eval.jsonl \\
-          --json results/merged.json --plots results/merged-plots --top-k 2
+          --json-out results/merged.json --plots results/merged-plots --top-k 2
     """
     from flexmoe import api
     from flexmoe.config import EvalConfig, parse_domain_paths
@@ -55,9 +57,11 @@ def eval_cmd(model, data, json_out, plots, no_bias, top_k, max_bytes, seq_len, b
     cfg = EvalConfig(model=model, data=parse_domain_paths(data), seq_len=seq_len, batch_size=batch_size,
                      max_bytes=None if max_bytes is None else parse_size(max_bytes), device=device, bf16=bf16,
                      bias=not no_bias, top_k=k, experts_implementation=experts_impl,
-                     ensemble=list(ensemble), ensemble_top_k=ensemble_top_k, ensemble_prefix=ensemble_prefix,
-                     json_out=json_out, plots=plots, overwrite=overwrite)
-    result = api.evaluate(cfg)
+                     ensemble=list(ensemble), ensemble_top_k=ensemble_top_k, ensemble_prefix=ensemble_prefix)
+    result = api.evaluate(cfg, json_out, plots=plots, overwrite=overwrite, progress=not quiet)
+    if as_json:
+        o.emit(result, True, "")
+        return
     click.echo(f"{'domain':<16} {'bpb':>8} {'tokens':>12} {'bytes':>12}")
     for d in result.domains:
         click.echo(f"{d.domain:<16} {d.bpb:>8.4f} {d.tokens:>12,} {d.bytes:>12,}")

@@ -19,7 +19,7 @@ def render() -> str:
              "## flexmoe", "", "```", main.get_help(ctx), "```", ""]
     for name in main.list_commands(ctx):
         cmd = main.get_command(ctx, name)
-        sub = click.Context(cmd, info_name=f"flexmoe {name}", parent=ctx, **settings)
+        sub = click.Context(cmd, info_name=name, parent=ctx, **settings)
         parts += [f"## flexmoe {name}", "", "```", cmd.get_help(sub), "```", ""]
     return "\n".join(parts)
 

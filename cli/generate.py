@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from flexmoe.cli import main
+from flexmoe.cli import options as o
+from flexmoe.config import DType
 
 
 @main.command(name="generate")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=o.PATH)
 @click.option("--prompt", "prompts", multiple=True, required=True, metavar="TEXT",
               help="A prompt. Repeatable (one batch).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate per prompt at most.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              help="auto: bfloat16 on CUDA, float32 on CPU.")
+@o.device
+@click.option("--dtype", type=click.Choice([d.value for d in DType]),
+              help="Weights and compute dtype [default: bfloat16 on CUDA, float32 on CPU].")
 @click.option("--no-fast", is_flag=True, help="Stock transformers generate instead of flexmoe's fast path.")
 @click.option("--no-bias", is_flag=True, help="Load a merged checkpoint as stock transformers does (no expert bias).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@o.as_json
 def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias, as_json):
     """Greedy continuation of each --prompt by MODEL (a merged checkpoint, a 2-expert model or an anchor).
 
@@ -34,13 +32,13 @@ def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias
       flexmoe generate runs/merged --prompt "Four score" --prompt "import numpy" --no-fast
     """
     from flexmoe import api
-    from flexmoe.infer import GenerateConfig
+    from flexmoe.config import GenerateConfig
 
     cfg = GenerateConfig(model=model, prompts=list(prompts), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
                          fast=not no_fast, bias=not no_bias)
     result = api.generate(cfg)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        o.emit(result, True, "")
         return
     for prompt, text in zip(result.prompts, result.texts):
         click.echo(f"{prompt}{text}")

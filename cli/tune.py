@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import click
 
 from flexmoe import api
 from flexmoe.cli import main
-from flexmoe.config import Device, ProxyConfig, RouterTuneConfig, router_tuning_train
+from flexmoe.cli import options as o
+from flexmoe.config import SHARD_SIZE, ProxyConfig, RouterTuneConfig, router_tuning_train
 
-_PATH = click.Path(path_type=Path)  # existence is checked by the library, which names what is wrong
-_DEVICES = click.Choice([d.value for d in Device])
-
-
-def _say(text: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one report, also under torchrun / accelerate launch
-        click.echo(text)
+_PATH = o.PATH
 
 
 @main.command("tune-router")
@@ -35,10 +28,10 @@ def _say(text: str) -> None:
 @click.option("--bf16/--no-bf16", default=False, help="bf16 autocast.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Data-order seed.")
 @click.option("--checkpoint-every", type=int, default=0, help="Steps between resume checkpoints (0: none).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--device", type=_DEVICES, default="auto", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@o.resume
+@click.option("--shard-size", default=SHARD_SIZE, show_default=True, help="Largest output shard.")
+@o.device
+@o.overwrite
 def tune_router(merged, data, out, max_steps, lr, warmup_steps, batch_size, seq_len, bf16, seed, checkpoint_every,
                 resume, shard_size, device, overwrite):
     """Router tuning: train only the owners' router rows and biases of MERGED on public proxy data.
@@ -55,14 +48,14 @@ def tune_router(merged, data, out, max_steps, lr, warmup_steps, batch_size, seq_
     """
     train = dataclasses.replace(router_tuning_train(), max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
                                 batch_size=batch_size, seq_len=seq_len, bf16=bf16, seed=seed,
-                                checkpoint_every=checkpoint_every, device=Device(device))
+                                checkpoint_every=checkpoint_every, device=device)
     cfg = RouterTuneConfig(merged=merged, data=list(data), train=train, shard_size=shard_size)
-    r = api.tune_router(cfg, out, overwrite, resume)
-    loss = "n/a" if r.final_loss is None else f"{r.final_loss:.3f}"
+    r = api.tune_router(cfg, out, overwrite=overwrite, resume=resume)
+    loss = o.loss(r.train.final_loss)
     if r.first_loss is not None:
         loss = f"{r.first_loss:.3f} -> {loss}"
-    _say(f"tuned router rows of {', '.join(r.experts)} written to {r.path} ({r.steps} steps, loss {loss}, "
-         f"{r.tokens_per_s:,.0f} tok/s)")
+    o.say(f"tuned router rows of {', '.join(r.experts)} written to {r.path} ({r.train.steps} steps, loss {loss}, "
+          f"{r.train.tokens_per_s:,.0f} tok/s)")
 
 
 @main.command("select-proxy")
@@ -77,8 +70,8 @@ def tune_router(merged, data, out, max_steps, lr, warmup_steps, batch_size, seq_
 @click.option("--max-public-docs", type=int, help="Score only a seeded sample of this many public documents.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", type=_DEVICES, default="auto", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@o.device
+@o.overwrite
 def select_proxy(public, domain, embedder, out, fraction, num_domain_docs, max_public_docs, seed, batch_size, device,
                  overwrite):
     """Pick the public documents that look most like a domain: proxy data for tune-router.
@@ -93,7 +86,7 @@ def select_proxy(public, domain, embedder, out, fraction, num_domain_docs, max_p
     """
     cfg = ProxyConfig(public=list(public), domain=list(domain), embedder=embedder, fraction=fraction,
                       num_domain_docs=num_domain_docs, max_public_docs=max_public_docs, seed=seed,
-                      batch_size=batch_size, device=Device(device))
-    r = api.select_proxy(cfg, out, overwrite)
+                      batch_size=batch_size, device=device)
+    r = api.select_proxy(cfg, out, overwrite=overwrite)
     click.echo(f"{r.selected} of {r.public_docs} public documents written to {r.path} (classifier accuracy "
                f"{r.train_accuracy:.2f} on {r.domain_docs} domain documents, lowest score kept {r.min_score:.3f})")

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
@@ -96,16 +97,20 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides (value parsed as YAML) to a nested mapping."""
-    out = dict(data)
-    for item in overrides:
+def with_overrides(data: dict, dotted: Sequence[str] = (), values: dict[str, Any] | None = None) -> dict:
+    """Copy of the nested mapping `data` with `["a.b=value", ...]` (values parsed as YAML), then with the already
+    typed `{"a.b": value}` (None values skipped: an unset CLI flag) applied."""
+    pairs: list[tuple[str, Any]] = []
+    for item in dotted:
         if "=" not in item:
             raise ConfigError(f"bad override {item!r}: use key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw else ""))
+    pairs += [(k, v) for k, v in (values or {}).items() if v is not None]
+    out = dict(data)
+    for key, value in pairs:
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for p in parts[:-1]:
             node[p] = dict(node.get(p) or {})
             node = node[p]
@@ -128,18 +133,114 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def from_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Load `cls` from a YAML file with optional dotted overrides."""
-    return from_dict(cls, apply_overrides(load_yaml(path), overrides or []), where=str(path))
+def jsonable(value: Any) -> Any:
+    """Configs and results as plain JSON values (enums by value, paths as strings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
-# ---- configs of the training verbs (train_anchor, init_anchor, embed_domain, train_expert) ----
+class Config:
+    """Base of every typed config (dataclass subclasses): one way to build them from YAML, a mapping and dotted
+    overrides, with every check in `__post_init__` (an object that exists is valid). Choices given as plain
+    strings (`device="cpu"`) become their enum members here, so library callers and YAML spell them alike."""
+
+    def __post_init__(self) -> None:
+        for name, tp in _enum_fields(type(self)).items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, enum.Enum):
+                setattr(self, name, _coerce(value, tp, name))
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+        return from_dict(cls, data, where)
+
+    @classmethod
+    def load(cls: type[T], path: str | Path | None = None, values: dict[str, Any] | None = None,
+             dotted: Sequence[str] = ()) -> T:
+        """`cls` from an optional YAML file, then `dotted` overrides (`["train.lr=1e-3"]`), then typed `values`
+        (`{"train.lr": 1e-3}`, None skipped): the order CLI flags take over a spec file."""
+        data = with_overrides(load_yaml(path) if path is not None else {}, dotted, values)
+        return from_dict(cls, data, where=str(path) if path else cls.__name__)
+
+    def to_json(self) -> dict:
+        return jsonable(self)
+
+
+@functools.cache
+def _enum_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in args):
+            out[f.name] = tp
+    return out
+
+
+# ---- choices shared by every verb ----
 
 
 class Device(str, enum.Enum):
+    """Where a verb runs; under `accelerate launch` / torchrun each process takes its own GPU
+    (pick GPUs with CUDA_VISIBLE_DEVICES)."""
+
     AUTO = "auto"  # CUDA if available, else CPU
     CPU = "cpu"
     CUDA = "cuda"
+
+    def torch(self):
+        import torch
+
+        if self == Device.CUDA and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+        cuda = self == Device.CUDA or (self == Device.AUTO and torch.cuda.is_available())
+        return torch.device("cuda" if cuda else "cpu")
+
+
+class DType(str, enum.Enum):
+    """Floating-point weight dtypes; the one table between config names, safetensors codes and torch."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @property
+    def torch(self):
+        import torch
+
+        return getattr(torch, self.value)
+
+    @property
+    def safetensors(self) -> str:
+        return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[self.value]
+
+    @classmethod
+    def of_safetensors(cls, code: str) -> "DType":
+        for d in cls:
+            if d.safetensors == code:
+                return d
+        raise ConfigError(f"weights of dtype {code} are not supported (float32, bfloat16 or float16)")
+
+
+class ExpertsKernel(str, enum.Enum):
+    """transformers' experts implementations for MoE models (flexmoe's own kernel is the fast path, `flexmoe.infer`)."""
+
+    EAGER = "eager"
+    BATCHED_MM = "batched_mm"
+    GROUPED_MM = "grouped_mm"
+
+
+# ---- configs of the training verbs (train_anchor, init_anchor, embed_domain, train_expert) ----
 
 
 class RouterSource(str, enum.Enum):
@@ -152,7 +253,7 @@ class RouterSource(str, enum.Enum):
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation settings shared by anchor and expert training. Defaults are FlexOlmo's expert recipe.
 
     `batch_size` is per process and per micro-step; one optimizer step sees
@@ -182,6 +283,7 @@ class TrainConfig:
     device: Device = Device.AUTO
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("max_steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -194,9 +296,20 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.log_every < 1:
             raise ConfigError("checkpoint_every must be >= 0 and log_every >= 1")
 
+    def for_context(self, max_positions: int) -> "TrainConfig":
+        """This config with `seq_len` resolved: None becomes the model's context, at most 2048."""
+        return dataclasses.replace(self, seq_len=self.seq_len if self.seq_len is not None else min(max_positions, 2048))
+
+    def run_identity(self, **extra) -> dict:
+        """What a resumed run must share with the interrupted one (steps, logging, device and compilation may
+        change), with the verb's own `extra` facts (anchor, data summary, ...)."""
+        settings = {k: v for k, v in jsonable(self).items()
+                    if k not in ("max_steps", "checkpoint_every", "log_every", "device", "compile")}
+        return jsonable({**extra, "train": settings})
+
 
 @dataclasses.dataclass
-class AnchorConfig:
+class AnchorConfig(Config):
     """Shape of a dense OLMo-2 anchor (literal numbers, see `flexmoe.presets`) and how to train it."""
 
     name: str
@@ -208,13 +321,18 @@ class AnchorConfig:
     max_position_embeddings: int
     rope_theta: float = 500000.0
     rms_norm_eps: float = 1e-6
-    dtype: str = "float32"  # dtype of the saved weights: float32 | bfloat16
+    dtype: DType = DType.FLOAT32  # dtype of the saved weights
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 @dataclasses.dataclass
-class TrainAnchorConfig:
-    """`flexmoe train-anchor`: a preset plus the flags that override its training settings."""
+class TrainAnchorConfig(Config):
+    """`flexmoe train-anchor`: a preset's shape, trained on public text.
+
+    `train` None takes the preset's training settings (`flexmoe.presets.training(name, ...)` builds changed ones);
+    `seed` seeds the model init, the r_pub document sample, the projection and the data order (it replaces
+    `train.seed`: one seed makes one anchor).
+    """
 
     data: list[Path]
     embedder: Path | None = None  # the router embedder, or:
@@ -222,19 +340,12 @@ class TrainAnchorConfig:
     preset: str = "tiny"
     tokenizer: Path | None = None  # None: train a byte-level BPE of the preset's vocab size on `data`
     num_docs: int = 1000  # public documents embedded for r_pub
-    seed: int = 0  # model init, r_pub sampling, projection, data order
-    max_steps: int | None = None
-    seq_len: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    bf16: bool | None = None
-    checkpoint_every: int | None = None
-    compile: bool | None = None  # None: the preset's (auto: on for CUDA)
-    device: Device = Device.AUTO
+    seed: int = 0
+    train: TrainConfig | None = None
 
 
 @dataclasses.dataclass
-class InitAnchorConfig:
+class InitAnchorConfig(Config):
     """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor."""
 
     model: Path
@@ -248,7 +359,7 @@ class InitAnchorConfig:
 
 
 @dataclasses.dataclass
-class EmbedConfig:
+class EmbedConfig(Config):
     """`flexmoe embed-domain`: mean sentence embedding of a sample of documents (a router-row file)."""
 
     data: list[Path]
@@ -261,7 +372,7 @@ class EmbedConfig:
 
 
 @dataclasses.dataclass
-class RouterInit:
+class RouterInit(Config):
     """How the owner's router row r_i is initialised."""
 
     source: RouterSource = RouterSource.EMBEDDING
@@ -285,7 +396,7 @@ class PublicLoss(str, enum.Enum):
 
 
 @dataclasses.dataclass
-class RouterTraining:
+class RouterTraining(Config):
     """How the owner's router row and bias learn while its expert trains.
 
     The paper trains them on the owner's text only; each row then learns to beat r_pub on *all* text (hidden
@@ -303,6 +414,7 @@ class RouterTraining:
     bias: BiasUpdate = BiasUpdate.PROJECT
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 <= self.public_ratio < 1:
             raise ConfigError(f"router_training.public_ratio must be in [0, 1), got {self.public_ratio}")
         if self.public_route_loss < 0:
@@ -326,7 +438,7 @@ class ExpertMode(str, enum.Enum):
 
 
 @dataclasses.dataclass
-class ExpertSpec:
+class ExpertSpec(Config):
     """One data owner's expert: the schema of `experts/*.yaml` and of `flexmoe train-expert` flags.
 
     Relative paths are taken from the working directory (the repository root for the recipes).
@@ -343,60 +455,70 @@ class ExpertSpec:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.train_top_k not in (1, 2):
             raise ConfigError(f"train_top_k must be 1 or 2, got {self.train_top_k}")
 
 
-def set_dotted(data: dict, key: str, value: Any) -> dict:
-    """Copy of `data` with `a.b.c` set to an already-typed value (CLI flags over a YAML spec)."""
-    out = dict(data)
-    node = out
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node[p] = dict(node.get(p) or {})
-        node = node[p]
-    node[parts[-1]] = value
-    return out
-
-
-def load_expert_spec(path: str | Path | None, overrides: dict[str, Any] | None = None,
-                     dotted: list[str] | None = None) -> ExpertSpec:
-    """An `ExpertSpec` from an optional YAML file, then `["train.lr=1e-3", ...]` (`dotted`, values parsed as YAML),
-    then typed `{"train.lr": 1e-3, ...}` overrides (None values skipped)."""
-    data = apply_overrides(load_yaml(path) if path is not None else {}, dotted or [])
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data = set_dotted(data, key, value)
-    return from_dict(ExpertSpec, data, where=str(path) if path else "train-expert")
-
 # ---- configs of the checkpoint verbs (merge, add, remove, extract) ----
 
+SHARD_SIZE = "5GB"  # largest output shard by default, as `save_pretrained` writes
+
+
 @dataclasses.dataclass
-class MergeConfig:
-    """Options of merge, add, remove and extract (extract uses only `overwrite` and `progress`).
+class MergeConfig(Config):
+    """`flexmoe merge`: an anchor and expert packages into one merged checkpoint.
 
     Args:
-        top_k: experts active per token. None: min(4, E) on merge (the paper's plateau), kept on add, and
-            min(k, E-1) on remove; an explicit value is remembered and clamped to E as experts come and go.
+        anchor: the anchor folder every package was trained against.
+        experts: expert packages, in router order after the public expert.
+        top_k: experts active per token. None: min(4, E) (the paper's plateau); an explicit value is remembered
+            and clamped to E as experts come and go.
         shard_size: largest output shard, e.g. "5GB", "500MB" (a larger tensor gets a shard of its own).
-        overwrite: replace an existing output folder (atomically; this is how `--in-place` works).
-        verify_fingerprint: recompute the anchor fingerprint from the tensors instead of trusting the metadata
-            (reads every shared tensor once more).
-        progress: show a progress bar on a terminal.
+        verify_fingerprint: recompute the anchor fingerprint from its tensors instead of trusting the metadata.
     """
 
+    anchor: Path
+    experts: list[Path]
     top_k: int | None = None
-    shard_size: str = "5GB"
-    overwrite: bool = False
+    shard_size: str = SHARD_SIZE
     verify_fingerprint: bool = False
-    progress: bool = True
+
+
+@dataclasses.dataclass
+class AddConfig(Config):
+    """`flexmoe add`: append the package `expert` to the merged checkpoint `merged` (top_k None: kept)."""
+
+    merged: Path
+    expert: Path
+    top_k: int | None = None
+    shard_size: str = SHARD_SIZE
+    verify_fingerprint: bool = False
+
+
+@dataclasses.dataclass
+class RemoveConfig(Config):
+    """`flexmoe remove`: drop the expert named `expert` (the owner's opt-out); top_k None: min(k, E-1)."""
+
+    merged: Path
+    expert: str
+    top_k: int | None = None
+    shard_size: str = SHARD_SIZE
+
+
+@dataclasses.dataclass
+class ExtractConfig(Config):
+    """`flexmoe extract`: write the expert named `expert` back out as an expert package."""
+
+    merged: Path
+    expert: str
 
 
 # ---- configs of the evaluation verbs ----
 
 @dataclasses.dataclass
-class EvalConfig:
-    """What `flexmoe eval` / `api.evaluate` measures and where it writes.
+class EvalConfig(Config):
+    """What `flexmoe eval` / `api.evaluate` measures.
 
     `data` maps a domain name to its held-out text (.jsonl with a `text` field, .txt, or a directory of them).
     `top_k`: None keeps the checkpoint's k, 0 routes to all experts. `bias=False` loads a merged checkpoint with
@@ -409,22 +531,19 @@ class EvalConfig:
     seq_len: int | None = None  # predictions per window; None: the model's context, at most 2048
     batch_size: int = 8
     max_bytes: int | None = None
-    device: str = "auto"
+    device: Device = Device.AUTO
     bf16: bool = False
     bias: bool = True
     top_k: int | None = None
-    experts_implementation: str | None = None  # transformers' experts kernel: eager, batched_mm, grouped_mm
+    experts_implementation: ExpertsKernel | None = None  # None: transformers' choice
     routing: bool = True
     ensemble: list[Path] = dataclasses.field(default_factory=list)
     ensemble_top_k: int | None = None
     ensemble_priors: list[float] | None = None
     ensemble_prefix: int | None = None  # tokens of the sliding prefix whose likelihood weights the members
-    json_out: Path | None = None
-    plots: Path | None = None
-    overwrite: bool = False
-    progress: bool = True
 
-    def validate(self) -> "EvalConfig":
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.data:
             raise ConfigError("no evaluation data: give at least one --data DOMAIN=PATH")
         for name in self.data:
@@ -437,10 +556,31 @@ class EvalConfig:
             raise ConfigError(f"max_bytes must be at least 1, got {self.max_bytes}")
         if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"top_k must be 0 (all experts) or positive, got {self.top_k}")
-        if self.experts_implementation not in (None, "eager", "batched_mm", "grouped_mm"):
-            raise ConfigError(f"experts_implementation {self.experts_implementation!r} is not one of "
-                              "eager, batched_mm, grouped_mm")
-        return self
+
+
+@dataclasses.dataclass
+class GenerateConfig(Config):
+    """What `flexmoe generate` / `api.generate` runs: greedy continuations of `prompts` by the model at `model`.
+
+    `fast=False` runs stock `model.generate` with the checkpoint's experts kernel (for comparison); `bias=False`
+    loads a merged checkpoint as stock transformers does (no expert bias). `dtype` None is bfloat16 on CUDA and
+    float32 on CPU.
+    """
+
+    model: Path
+    prompts: list[str]
+    max_new_tokens: int = 64
+    device: Device = Device.AUTO
+    dtype: DType | None = None
+    fast: bool = True
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompts:
+            raise ConfigError("no prompt: give at least one --prompt TEXT")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
 def parse_domain_paths(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -465,7 +605,7 @@ def router_tuning_train() -> TrainConfig:
 
 
 @dataclasses.dataclass
-class RouterTuneConfig:
+class RouterTuneConfig(Config):
     """`flexmoe tune-router`: train only the owners' router rows and expert biases of a merged checkpoint (experts,
     shared layers and the public row r_pub frozen) on public proxy data; the output is a normal merged checkpoint.
 
@@ -484,7 +624,7 @@ class RouterTuneConfig:
 
 
 @dataclasses.dataclass
-class ProxyConfig:
+class ProxyConfig(Config):
     """`flexmoe select-proxy`: the public documents a classifier over sentence embeddings finds most like a domain.
 
     Args:
@@ -510,6 +650,7 @@ class ProxyConfig:
     max_chunks_per_doc: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.num_domain_docs < 1 or self.batch_size < 1 or self.max_chunks_per_doc < 1:

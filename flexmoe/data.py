@@ -233,3 +233,24 @@ def pack(docs: Documents, tokenizer, seq_len: int, *, seed: int = 0, max_tokens:
     tokens = tokenize_stream(docs.texts, tokenizer, max_tokens=max_tokens, seed=seed, progress=progress)
     data = PackedData(tokens, seq_len, seed=seed)
     return data, docs.summary(tokens=int(tokens.numel()))
+
+
+def load_tokenizer(path: str | Path, what: str = "model"):
+    """The fast tokenizer saved in a local folder (`what` names the folder in errors: "anchor", "tokenizer", ...).
+
+    Local files only, and it must have an EOS token: documents are joined with it when packed and scored.
+    """
+    from transformers import AutoTokenizer
+
+    from flexmoe.errors import CheckpointError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{what} {path}: no usable tokenizer ({str(e).splitlines()[0]}); save one into the "
+                              "folder with tokenizer.save_pretrained") from None
+    if tok.eos_token_id is None:
+        raise CheckpointError(f"{what} {path}: the tokenizer has no EOS token")
+    if not hasattr(tok, "backend_tokenizer"):
+        raise CheckpointError(f"{what} {path}: need a fast (tokenizers-backed) tokenizer")
+    return tok

@@ -6,7 +6,9 @@ with a 32k vocabulary) is for one GPU; `base` is the 1B-class shape of FLEXOLMO.
 
 from __future__ import annotations
 
-from flexmoe.config import AnchorConfig, TrainConfig
+import dataclasses
+
+from flexmoe.config import AnchorConfig, DType, TrainConfig
 from flexmoe.errors import ConfigError
 
 
@@ -20,7 +22,7 @@ def tiny() -> AnchorConfig:
         num_layers=2,
         num_heads=4,
         max_position_embeddings=256,
-        dtype="float32",
+        dtype=DType.FLOAT32,
         train=TrainConfig(max_steps=100, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=10,
                           weight_decay=0.1, log_every=10),
     )
@@ -36,7 +38,7 @@ def small() -> AnchorConfig:
         num_layers=8,
         num_heads=8,
         max_position_embeddings=2048,
-        dtype="float32",
+        dtype=DType.FLOAT32,
         train=TrainConfig(max_steps=10000, batch_size=32, seq_len=1024, lr=2e-3, warmup_steps=500,
                           weight_decay=0.1, bf16=True, checkpoint_every=1000, log_every=50),
     )
@@ -52,7 +54,7 @@ def base() -> AnchorConfig:
         num_layers=16,
         num_heads=16,
         max_position_embeddings=4096,
-        dtype="bfloat16",
+        dtype=DType.BFLOAT16,
         train=TrainConfig(max_steps=50000, batch_size=4, grad_accum=8, seq_len=2048, lr=4e-4, warmup_steps=2000,
                           weight_decay=0.1, bf16=True, checkpoint_every=1000, log_every=50),
     )
@@ -67,3 +69,9 @@ def get(name: str) -> AnchorConfig:
         return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+
+
+def training(name: str, **changes) -> TrainConfig:
+    """The training settings of preset `name` with `changes`, e.g. `training("tiny", max_steps=50, device=...)`:
+    the `train` of a `TrainAnchorConfig`."""
+    return dataclasses.replace(get(name).train, **changes)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.chdir(ROOT)  # the expert specs name their data relative to the repository root
 
-from flexmoe import api  # noqa: E402
-from flexmoe.config import Device, MergeConfig, TrainAnchorConfig, load_expert_spec  # noqa: E402
+from flexmoe import api, presets  # noqa: E402
+from flexmoe.config import Device, ExpertSpec, MergeConfig, RemoveConfig, TrainAnchorConfig  # noqa: E402
 
 
 def find_embedder(out: Path) -> Path:
@@ -52,27 +52,27 @@ def main() -> None:
     embedder = find_embedder(args.out / "embedder")
     print(f"[1/5] embedder: {embedder}")
 
+    steps = {} if args.anchor_steps is None else {"max_steps": args.anchor_steps}
+    train = presets.training("tiny", device=Device.CPU, **steps)
     anchor = api.train_anchor(TrainAnchorConfig(data=[Path("fixtures/public/train.jsonl")], embedder=embedder,
-                                                preset="tiny", max_steps=args.anchor_steps, device=Device.CPU),
-                              args.out / "anchor", overwrite=True)
-    print(f"[2/5] anchor: {anchor.path} ({anchor.num_params:,} params, {anchor.steps} steps, "
-          f"loss {anchor.final_loss:.3f}, {anchor.tokens_per_s:,.0f} tok/s)")
+                                                preset="tiny", train=train), args.out / "anchor", overwrite=True)
+    print(f"[2/5] anchor: {anchor.path} ({anchor.num_params:,} params, {anchor.train.steps} steps, "
+          f"loss {anchor.train.final_loss:.3f}, {anchor.train.tokens_per_s:,.0f} tok/s)")
 
     experts = []
     for name in ("code", "speeches"):
-        spec = load_expert_spec(f"experts/demo/{name}.yaml", {"anchor": anchor.path, "embedder": embedder,
+        spec = ExpertSpec.load(f"experts/demo/{name}.yaml", {"anchor": anchor.path, "embedder": embedder,
                                                                 "train.device": "cpu"})
         r = api.train_expert(spec, args.out / name, overwrite=True)
         experts.append(r)
-        print(f"[3/5] expert {r.name!r}: {r.path} ({r.package_bytes / 1024:.0f} KiB, {r.steps} steps, "
-              f"loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tok/s)")
+        print(f"[3/5] expert {r.name!r}: {r.path} ({r.package_bytes / 1024:.0f} KiB, {r.train.steps} steps, "
+              f"loss {r.train.final_loss:.3f}, {r.train.tokens_per_s:,.0f} tok/s)")
 
-    quiet = MergeConfig(overwrite=True, progress=False)
-    merged = api.merge(anchor.path, [r.path for r in experts], args.out / "merged", quiet)
+    merged = api.merge(MergeConfig(anchor.path, [r.path for r in experts]), args.out / "merged", overwrite=True, progress=False)
     print(f"[4/5] merged: {merged.out} (experts {', '.join(merged.experts)}, top-{merged.top_k}, "
           f"{merged.total_bytes / 1024:.0f} KiB)")
     print(f"      stock AutoModelForCausalLM: {generate_with_transformers(merged.out)!r}")
-    smaller = api.remove(merged.out, "speeches", args.out / "merged-without-speeches", quiet)
+    smaller = api.remove(RemoveConfig(merged.out, "speeches"), args.out / "merged-without-speeches", overwrite=True, progress=False)
     print(f"[5/5] speeches opted out: {smaller.out} (experts {', '.join(smaller.experts)}, top-{smaller.top_k}, "
           f"{smaller.total_bytes / 1024:.0f} KiB, {merged.total_bytes - smaller.total_bytes:,} bytes smaller)")
     print(f"      stock AutoModelForCausalLM: {generate_with_transformers(smaller.out)!r}")

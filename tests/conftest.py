@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flexmoe import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -178,8 +179,9 @@ class TrainInputs:
         self.speeches = write_corpus(root / "data" / "speeches.jsonl", "speeches", 40, seed=3)
         self.embedder = build_random_embedder(root / "embedder", dim=32, seed=0)
         self.embedder48 = build_random_embedder(root / "embedder48", dim=48, seed=1)
-        cfg = TrainAnchorConfig(data=[self.public], embedder=self.embedder, preset="tiny", max_steps=12, seq_len=64,
-                                batch_size=4, num_docs=20, device=Device.CPU)
+        cfg = TrainAnchorConfig(data=[self.public], embedder=self.embedder, preset="tiny", num_docs=20,
+                                train=presets.training("tiny", max_steps=12, seq_len=64, batch_size=4,
+                                                       device=Device.CPU))
         self.anchor_result = api.train_anchor(cfg, root / "anchor", progress=False)
         self.anchor = self.anchor_result.path
 
@@ -208,7 +210,7 @@ class TuneInputs:
                 for name, seed in (("code", 1), ("news", 2))]
         self.news_pkg = pkgs[1]
         self.law_pkg = build_random_package(root / "law", self.anchor, "law", 3, ffn_std=0.1)
-        self.merged = api.merge(self.anchor, pkgs, root / "merged", MergeConfig(progress=False)).out
+        self.merged = api.merge(MergeConfig(self.anchor, pkgs), root / "merged", progress=False).out
 
 
 @pytest.fixture(scope="session")

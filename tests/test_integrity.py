@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from flexmoe import api
 from flexmoe.cli import main
-from flexmoe.config import MergeConfig
+from flexmoe.config import ExtractConfig, MergeConfig
 from flexmoe.errors import CheckpointError
 from flexmoe.io import manifest
 from flexmoe.testing import drop_manifest
@@ -26,9 +26,8 @@ FAULTS = {"empty": lambda b: b"", "half": lambda b: b[: len(b) // 2],
 @pytest.fixture(scope="module")
 def folders(ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    merged = api.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], root / "merged",
-                       MergeConfig(progress=False)).out
-    news_only = api.merge(ckpt.anchor, [ckpt.pkg["news"]], root / "news-only", MergeConfig(progress=False)).out
+    merged = api.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]]), root / "merged", progress=False).out
+    news_only = api.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["news"]]), root / "news-only", progress=False).out
     return {"anchor": Path(ckpt.anchor), "package": Path(ckpt.pkg["code"]), "merged": merged, "other": ckpt.pkg["law"],
             "news-only": news_only}
 
@@ -132,7 +131,7 @@ def test_every_writer_seals_its_folder(folders, train_inputs, tmp_path):
                                       router_training=RouterTraining(public_data=[train_inputs.public]),
                                       train=TrainConfig(max_steps=2, batch_size=2, seq_len=32, device=Device.CPU)),
                            tmp_path / "pkg", progress=False).path
-    extracted = api.extract(folders["merged"], "code", tmp_path / "x", MergeConfig(progress=False)).out
+    extracted = api.extract(ExtractConfig(folders["merged"], "code"), tmp_path / "x", progress=False).out
     for folder, meta in ((train_inputs.anchor, "flexmoe_anchor.json"), (pkg, "expert.json"),
                          (folders["merged"], "flexmoe.json"), (extracted, "expert.json")):
         data = json.loads((Path(folder) / meta).read_text())
@@ -174,7 +173,7 @@ def test_two_writers_to_one_out_one_wins_the_other_fails_cleanly(folders, tmp_pa
     assert codes[0] == 0 and codes[1] != 0, results
     loser = next(err for rc, _, err in results if rc != 0).strip().splitlines()
     assert len(loser) == 1 and loser[0].startswith("Error: "), loser
-    api.merge(folders["anchor"], [folders["package"]], tmp_path / "alone", MergeConfig(progress=False))
+    api.merge(MergeConfig(folders["anchor"], [folders["package"]]), tmp_path / "alone", progress=False)
     strip = lambda d: {k.split("/", 1)[1]: v for k, v in d.items()}  # noqa: E731
     assert strip(digest(tmp_path / "out")) == strip(digest(tmp_path / "alone"))  # the winner's, never a mix
     assert not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
@@ -211,7 +210,7 @@ def test_bad_text_data_is_refused_before_training(train_inputs, tmp_path, case):
     make, message = BAD_DATA[case]
     data = make(tmp_path)
     r = CliRunner().invoke(main, ["train-expert", "--anchor", str(train_inputs.anchor), "--data", str(data),
-                                  "--name", "x", "--router-source", "random", "--out", "out", "--device", "cpu",
+                                  "--name", "x", "--set", "router.source=random", "--out", "out", "--device", "cpu",
                                   "--public-data", str(train_inputs.public)])
     lines = r.output.strip().splitlines()
     assert r.exit_code != 0 and len(lines) == 1 and message in lines[0], r.output
@@ -231,7 +230,7 @@ def big(tmp_path_factory):
     anchor = build_synthetic_anchor(root / "anchor", vocab_size=16000, hidden_size=512, intermediate_size=2048,
                                     num_layers=4, num_heads=8, dtype=torch.float32, shard_size="100MB")
     pkgs = [build_synthetic_package(root / n, anchor, n, s) for n, s in (("a", 1), ("b", 2))]
-    merged = api.merge(anchor, pkgs[:1], root / "merged", MergeConfig(progress=False, shard_size="32MB")).out
+    merged = api.merge(MergeConfig(anchor, pkgs[:1], shard_size="32MB"), root / "merged", progress=False).out
     return {"anchor": anchor, "a": pkgs[0], "b": pkgs[1], "merged": merged}
 
 

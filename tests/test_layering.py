@@ -12,11 +12,11 @@ FORBIDDEN = ("transformers", "accelerate", "sentence_transformers", "datasets", 
 SCRIPT = """
 import json, sys
 from flexmoe.checkpoint import inspection, surgery
-from flexmoe.config import MergeConfig
+from flexmoe.config import MergeConfig, RemoveConfig
 anchor, pkg, out = sys.argv[1:4]
-surgery.merge(anchor, [pkg], out, MergeConfig(progress=False))
+surgery.merge(MergeConfig(anchor, [pkg]), out, progress=False)
 inspection.inspect(out, verify=True)
-surgery.remove(out, "code", out + "-r", MergeConfig(progress=False))
+surgery.remove(RemoveConfig(out, "code"), out + "-r", progress=False)
 from flexmoe.cli import main  # the CLI path too: `flexmoe merge/remove/inspect` import all command modules
 main(["merge", "--anchor", anchor, "--expert", pkg, "--out", out + "-cli", "-q"], standalone_mode=False)
 main(["inspect", out + "-cli"], standalone_mode=False)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
+from flexmoe.io import hf_config
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.merged import BIAS_FILE, MERGED_META
@@ -78,9 +79,7 @@ def soup(merged_dir: str | Path, out: str | Path, *, experts: list[str] | None =
          overwrite: bool = False) -> Path:
     """Write the model soup of `experts` (default: every owner) of a merged checkpoint as a 2-expert flex_olmo."""
     src, out = Path(merged_dir), check_output(out, overwrite)
-    config = _read_json(src / "config.json")
-    if config.get("model_type") != "flex_olmo":
-        raise CheckpointError(f"{src}: model_type {config.get('model_type')!r} is not a merged flex_olmo checkpoint")
+    config = hf_config.require(src, hf_config.MOE, "a soup is made of a merged checkpoint")
     num, layers = int(config["num_experts"]), int(config["num_hidden_layers"])
     meta = _read_json(src / MERGED_META) if (src / MERGED_META).is_file() else None
     names = [e["name"] for e in meta["experts"]] if meta else ["public"] + [f"expert{i}" for i in range(1, num)]

@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from flexmoe.config import MergeConfig
+from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
+from flexmoe.io import hf_config
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER, AnchorMeta, EmbedderIdentity, read_anchor
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
@@ -189,21 +190,17 @@ def _open_packages(stack: ExitStack, dirs: list[Path], taken: list[str]) -> list
 
 # ---------------------------------------------------------------- verbs
 
-def merge(anchor_dir: str | Path, expert_dirs: list[str | Path], out: str | Path,
-          config: MergeConfig | None = None) -> CheckpointResult:
+def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> CheckpointResult:
     """Anchor + expert packages -> one transformers `flex_olmo` checkpoint (docs/FORMAT.md)."""
-    cfg = config or MergeConfig()
     t0 = time.perf_counter()
-    anchor_dir, expert_dirs = Path(anchor_dir), [Path(d) for d in expert_dirs]
+    anchor_dir, expert_dirs = Path(cfg.anchor), [Path(d) for d in cfg.experts]
     _refuse_input_as_output(Path(out), [anchor_dir, *expert_dirs])
-    out = check_output(out, cfg.overwrite)
+    out = check_output(out, overwrite)
     if not expert_dirs:
         raise ConfigError("merge needs at least one --expert package")
     max_shard = parse_size(cfg.shard_size)
     anchor = read_anchor(anchor_dir)
-    acfg = read_json(anchor_dir / "config.json", "model directory")
-    if acfg.get("model_type") != "olmo2":
-        raise CheckpointError(f"{anchor_dir}: model_type {acfg.get('model_type')!r}; the anchor must be a dense 'olmo2' model")
+    acfg = hf_config.require(anchor_dir, hf_config.DENSE, "the anchor of a merge is the dense model")
     num_layers, hidden = int(acfg["num_hidden_layers"]), int(acfg["hidden_size"])
     fingerprint = anchor.meta.fingerprint
     with ExitStack() as stack:
@@ -244,23 +241,24 @@ def merge(anchor_dir: str | Path, expert_dirs: list[str | Path], out: str | Path
         meta = merged_meta(fingerprint, top_k, cfg.top_k,
                             [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": p.raw_card()} for p in pkgs])
         fcfg = flex_olmo_config(acfg, num_experts, top_k)
-        with _output(out, cfg.overwrite) as tmp:
-            shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=cfg.progress, desc="merge")
+        with _output(out, overwrite) as tmp:
+            shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=progress, desc="merge")
             write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases)
     return CheckpointResult(out=out, experts=[e["name"] for e in meta["experts"]], top_k=top_k, top_k_before=None,
                             shards=shards, total_bytes=sum(it.spec.nbytes for it in items),
                             anchor_fingerprint=fingerprint, seconds=time.perf_counter() - t0)
 
 
-def _edit(m: Merged, out: Path, cfg: MergeConfig, *, items: list[_Item], experts: list[dict], biases: torch.Tensor,
-          top_k: int, desc: str, notes: list[str], t0: float) -> CheckpointResult:
+def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: bool, progress: bool, items: list[_Item],
+          experts: list[dict], biases: torch.Tensor, top_k: int, desc: str, notes: list[str],
+          t0: float) -> CheckpointResult:
     """Shared tail of add/remove: write the planned tensors and the re-derived metadata files."""
     requested = cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested")
     meta = merged_meta(m.meta["anchor_fingerprint"], top_k, requested, experts)
     fcfg = flex_olmo_config(m.config, len(experts), top_k)
-    with _output(out, cfg.overwrite) as tmp:
+    with _output(out, overwrite) as tmp:
         shards = _stream(tmp, items, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
-                         progress=cfg.progress, desc=desc)
+                         progress=progress, desc=desc)
         write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases)
         m.close()  # before the swap of an in-place edit
     return CheckpointResult(out=out, experts=[e["name"] for e in experts], top_k=top_k,
@@ -270,20 +268,20 @@ def _edit(m: Merged, out: Path, cfg: MergeConfig, *, items: list[_Item], experts
                             notes=notes)
 
 
-def _check_edit_output(merged_dir: Path, out: Path, cfg: MergeConfig, others: list[Path]) -> Path:
+def _check_edit_output(merged_dir: Path, out: Path, overwrite: bool, others: list[Path]) -> Path:
     out = Path(out)
     _refuse_input_as_output(out, others)
-    if _same_path(out, merged_dir) and not cfg.overwrite:
+    if _same_path(out, merged_dir) and not overwrite:
         raise ConfigError(f"--out {out} is the input checkpoint; use --in-place to replace it atomically")
-    return check_output(out, cfg.overwrite)
+    return check_output(out, overwrite)
 
 
-def add(merged_dir: str | Path, expert_dir: str | Path, out: str | Path,
-        config: MergeConfig | None = None) -> CheckpointResult:
-    """Append one expert package to a merged checkpoint (no anchor needed: its fingerprint is in flexmoe.json)."""
-    cfg, t0 = config or MergeConfig(), time.perf_counter()
-    merged_dir, expert_dir = Path(merged_dir), Path(expert_dir)
-    out = _check_edit_output(merged_dir, Path(out), cfg, [expert_dir])
+def add(cfg: AddConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> CheckpointResult:
+    """Append one expert package to a merged checkpoint (no anchor needed: its fingerprint is in flexmoe.json).
+    `out` == `cfg.merged` with `overwrite` edits it in place, atomically."""
+    t0 = time.perf_counter()
+    merged_dir, expert_dir = Path(cfg.merged), Path(cfg.expert)
+    out = _check_edit_output(merged_dir, Path(out), overwrite, [expert_dir])
     parse_size(cfg.shard_size)
     with ExitStack() as stack:
         m = read_merged(merged_dir)
@@ -311,15 +309,16 @@ def add(merged_dir: str | Path, expert_dir: str | Path, out: str | Path,
         biases = torch.cat([m.biases, pkg.biases()[:, None]], dim=1)
         experts = m.meta["experts"] + [{"name": pkg.card.name, "card": pkg.raw_card()}]
         notes = [] if top_k == before else [f"top-k {before} -> {top_k}"]
-        return _edit(m, out, cfg, items=items, experts=experts, biases=biases, top_k=top_k, desc="add", notes=notes,
-                     t0=t0)
+        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, experts=experts, biases=biases,
+                     top_k=top_k, desc="add", notes=notes, t0=t0)
 
 
-def remove(merged_dir: str | Path, name: str, out: str | Path, config: MergeConfig | None = None) -> CheckpointResult:
-    """Drop one owner's expert (FFN, router row, bias): the opt-out. top-k becomes min(k, E-1)."""
-    cfg, t0 = config or MergeConfig(), time.perf_counter()
-    merged_dir = Path(merged_dir)
-    out = _check_edit_output(merged_dir, Path(out), cfg, [])
+def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> CheckpointResult:
+    """Drop one owner's expert (FFN, router row, bias): the opt-out. top-k becomes min(k, E-1).
+    `out` == `cfg.merged` with `overwrite` edits it in place, atomically."""
+    t0 = time.perf_counter()
+    merged_dir, name = Path(cfg.merged), cfg.expert
+    out = _check_edit_output(merged_dir, Path(out), overwrite, [])
     parse_size(cfg.shard_size)
     with ExitStack() as stack:
         m = read_merged(merged_dir)
@@ -346,17 +345,16 @@ def remove(merged_dir: str | Path, name: str, out: str | Path, config: MergeConf
         experts = [e for i, e in enumerate(m.meta["experts"]) if i != j]
         notes = [f"top-k {before} -> {top_k} (min(k, E-1) with E-1 = {e_new})" if top_k != before
                  else f"top-k stays {top_k}"]
-        return _edit(m, out, cfg, items=items, experts=experts, biases=m.biases[:, keep].contiguous(), top_k=top_k,
-                     desc="remove", notes=notes, t0=t0)
+        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, experts=experts,
+                     biases=m.biases[:, keep].contiguous(), top_k=top_k, desc="remove", notes=notes, t0=t0)
 
 
-def extract(merged_dir: str | Path, name: str, out: str | Path, config: MergeConfig | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> ExtractResult:
     """Give back one expert as a package: FFN, router row and bias exactly as merged, and the owner's card."""
-    cfg = config or MergeConfig()
     t0 = time.perf_counter()
-    merged_dir = Path(merged_dir)
+    merged_dir, name = Path(cfg.merged), cfg.expert
     _refuse_input_as_output(Path(out), [merged_dir])
-    out = check_output(out, cfg.overwrite)
+    out = check_output(out, overwrite)
     m = read_merged(merged_dir)
     try:
         j = m.index_of(name)
@@ -368,10 +366,10 @@ def extract(merged_dir: str | Path, name: str, out: str | Path, config: MergeCon
             items.append(_built(package_bias_key(layer), "F32", (), lambda layer=layer: m.biases[layer, j].clone()))
         order = {k: i for i, k in enumerate(package_keys(m.num_layers))}
         items.sort(key=lambda it: order[it.spec.name])
-        with _output(out, cfg.overwrite, seal=PACKAGE_CARD) as tmp:
+        with _output(out, overwrite, seal=PACKAGE_CARD) as tmp:
             specs = [it.spec for it in items]
             with ShardWriter(tmp, specs, max_shard_bytes=NO_SHARD_LIMIT, prefix=PACKAGE_TENSORS.removesuffix(".safetensors")) as w:
-                for it in tqdm(items, desc="extract", disable=None if cfg.progress else True):
+                for it in tqdm(items, desc="extract", disable=None if progress else True):
                     it.emit(w)
                 w.finalize()
             entry = m.meta["experts"][j]

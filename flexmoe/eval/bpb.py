@@ -19,7 +19,6 @@ causal LM; `flexmoe.eval.ensemble.Ensemble` mixes several with the same interfac
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable, Protocol
 import torch
 
 from flexmoe.errors import CheckpointError, DataError
+from flexmoe.io import hf_config
 
 
 @dataclass
@@ -163,30 +163,6 @@ def score_documents(scorer: Scorer, tokenizer, docs: list[str], *, domain: str, 
 
 # ---- loading ----
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        from flexmoe.errors import ConfigError
-        raise ConfigError(f"bad device {device!r}: use auto, cpu, cuda or cuda:N") from None
-
-
-def model_type(path: str | Path) -> str:
-    """`model_type` from a model directory's config.json, or `CheckpointError`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model directory")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path}: not a model directory (no config.json)")
-    try:
-        return str(json.loads(cfg.read_text()).get("model_type"))
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{cfg}: not valid JSON") from None
-
-
 def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.device = "cpu",
                    experts_implementation: str | None = None) -> torch.nn.Module:
     """A model directory as an eval-mode float32 module: flex_olmo through `flexmoe.checkpoint.load.load_model`
@@ -196,11 +172,11 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
 
     from flexmoe.checkpoint.verify import check_files
 
-    kind = model_type(path)
+    kind = hf_config.model_type(path)
     device = torch.device(device) if isinstance(device, str) else device
-    impl = {"experts_implementation": experts_implementation} if kind == "flex_olmo" and experts_implementation else {}
+    impl = {"experts_implementation": experts_implementation} if kind == hf_config.MOE and experts_implementation else {}
     try:
-        if kind == "flex_olmo" and bias:
+        if kind == hf_config.MOE and bias:
             from flexmoe.checkpoint.load import load_model
 
             model = load_model(path, dtype=torch.float32, device=device, **impl)  # checks the files itself
@@ -212,14 +188,3 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from e
     return model.eval()
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer saved in a model directory (fast tokenizer)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]}); "
-                              "save one into the model directory with tokenizer.save_pretrained") from e

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
-from flexmoe.eval.bpb import CausalLMScorer, Scorer, load_causal_lm, load_tokenizer
+from flexmoe.eval.bpb import CausalLMScorer, Scorer, load_causal_lm
+from flexmoe.data import load_tokenizer
 
 
 class Ensemble:

@@ -1,12 +1,21 @@
-"""The steps of `flexmoe.api.evaluate`: read each domain's text, build the scorer, score with routing hooks."""
+"""`evaluate`: bits per byte per domain (+ routing statistics for MoE models): read each domain's text, build the
+scorer, score with routing hooks, write the JSON and plots."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
 
 import torch
 
+from flexmoe.config import EvalConfig, jsonable
+from flexmoe.data import load_tokenizer
 from flexmoe.errors import CheckpointError, ConfigError, DataError
+from flexmoe.io import hf_config
 from flexmoe.eval import bpb as B
 from flexmoe.eval import routing as R
 from flexmoe.eval.ensemble import load_ensemble
@@ -29,7 +38,7 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
         if tokenizer is None:
             if cfg.model is None:
                 raise ConfigError("an in-memory model needs a tokenizer (or cfg.model to load one from)")
-            tokenizer = B.load_tokenizer(cfg.model)
+            tokenizer = load_tokenizer(cfg.model)
         scorer = B.CausalLMScorer(model, bf16=cfg.bf16) if isinstance(model, torch.nn.Module) else model
     elif cfg.model is None:
         raise ConfigError("no model: give a model directory")
@@ -38,21 +47,25 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
         scorer, tokenizer = load_ensemble(paths, bias=cfg.bias, device=device, bf16=cfg.bf16,
                                           priors=cfg.ensemble_priors, top_k=cfg.ensemble_top_k,
                                           prefix=cfg.ensemble_prefix,
-                                          experts_implementation=cfg.experts_implementation)
+                                          experts_implementation=_kernel(cfg))
         name = "ensemble(" + ", ".join(str(p) for p in paths) + ")"
     else:
         # Clear errors before anything is loaded: a missing directory, --top-k on a dense model.
-        if B.model_type(cfg.model) != "flex_olmo" and cfg.top_k is not None:
+        if hf_config.model_type(cfg.model) != hf_config.MOE and cfg.top_k is not None:
             raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
-        tokenizer = tokenizer or B.load_tokenizer(cfg.model)
+        tokenizer = tokenizer or load_tokenizer(cfg.model)
         lm = B.load_causal_lm(cfg.model, bias=cfg.bias, device=device,
-                              experts_implementation=cfg.experts_implementation)
+                              experts_implementation=_kernel(cfg))
         scorer = B.CausalLMScorer(lm, bf16=cfg.bf16)
     for m in _members(scorer):
         vocab = getattr(getattr(m, "config", None), "vocab_size", None)
         if vocab is not None and len(tokenizer) > vocab:
             raise CheckpointError(f"{name}: tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
     return scorer, tokenizer, name
+
+
+def _kernel(cfg) -> str | None:
+    return None if cfg.experts_implementation is None else cfg.experts_implementation.value
 
 
 def _members(scorer) -> list[torch.nn.Module]:
@@ -73,7 +86,7 @@ def window_length(cfg, scorer) -> int:
     return cfg.seq_len
 
 
-def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: int):
+def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: int, *, progress: bool = True):
     """([DomainBPB per domain], RoutingStats | None) with `cfg.top_k` applied for the duration."""
     moe = [m for m in _members(scorer) if R.routers(m)]
     saved_k = [(r, r.top_k) for m in moe for _, r in R.routers(m)]
@@ -94,8 +107,76 @@ def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: i
                     recorder.domain = dom
                 results.append(B.score_documents(
                     scorer, tokenizer, texts, domain=dom, seq_len=seq_len, batch_size=cfg.batch_size,
-                    before_forward=recorder.set_mask if recorder is not None else None, progress=cfg.progress))
+                    before_forward=recorder.set_mask if recorder is not None else None, progress=progress))
         return results, recorder.stats() if recorder is not None else None
     finally:
         for r, k in saved_k:
             r.top_k = k
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Per-domain BPB (flexmoe/eval/bpb.py), routing statistics for MoE models, and provenance."""
+
+    model: str
+    domains: list  # list[flexmoe.eval.bpb.DomainBPB]
+    routing: object | None  # flexmoe.eval.routing.RoutingStats
+    settings: dict
+    versions: dict
+    wall_s: float
+    json_path: str | None = None
+    plots: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def mean_bpb(self) -> float:
+        return sum(d.bpb for d in self.domains) / len(self.domains)
+
+    def bpb(self, domain: str) -> float:
+        return next(d.bpb for d in self.domains if d.domain == domain)
+
+    def to_json(self) -> dict:
+        return {"format": "flexmoe-eval/1", "model": self.model, "mean_bpb": self.mean_bpb,
+                "domains": [d.to_json() for d in self.domains],
+                "routing": None if self.routing is None else self.routing.to_json(),
+                "settings": self.settings, "versions": self.versions, "wall_s": self.wall_s, "plots": self.plots}
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from flexmoe import __version__
+
+    return {"flexmoe": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def evaluate(cfg: EvalConfig, out: Path | None, *, plots: Path | None, overwrite: bool, progress: bool, model=None,
+             tokenizer=None) -> EvalResult:
+    from flexmoe.io.atomic import atomic_dir, atomic_write_text, check_output
+
+    for path in (out, plots):
+        if path is not None:
+            check_output(path, overwrite)
+    t0 = time.perf_counter()
+    docs = read_domains(cfg.data, cfg.max_bytes)  # before any model is loaded, so bad data fails fast
+    device = cfg.device.torch()
+    scorer, tokenizer, name = build_scorer(cfg, device, model=model, tokenizer=tokenizer)
+    seq_len = window_length(cfg, scorer)
+    results, routing = score_domains(cfg, scorer, tokenizer, docs, seq_len, progress=progress)
+    settings = {**jsonable(cfg), "json_out": None if out is None else str(out),
+                "plots": None if plots is None else str(plots), "overwrite": overwrite, "progress": progress}
+    settings.update(device=str(device), seq_len=seq_len, top_k_used=routing.top_k if routing is not None else None)
+    result = EvalResult(model=name, domains=results, routing=routing, settings=settings, versions=versions(),
+                        wall_s=0.0)
+    if plots is not None:
+        from flexmoe.eval.plots import write_plots
+
+        with atomic_dir(plots, overwrite=overwrite) as tmp:
+            files = write_plots(tmp, results, routing, title=name)
+        result.plots = [str(Path(plots) / f.name) for f in files]
+    result.wall_s = time.perf_counter() - t0
+    if out is not None:
+        atomic_write_text(out, json.dumps(result.to_json(), indent=2) + "\n")
+        result.json_path = str(out)
+    return result

@@ -11,43 +11,13 @@ The checkpoint format is untouched; the expert bias comes from the model's route
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 
 import torch
 
-from flexmoe.errors import ConfigError
 from flexmoe.infer.decode import FastDecoder, GenerateOutput
 from flexmoe.infer.experts import EXPERTS_IMPL, register
 
-__all__ = ["FastDecoder", "GenerateConfig", "GenerateOutput", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]
-
-
-@dataclasses.dataclass
-class GenerateConfig:
-    """What `flexmoe generate` / `api.generate` runs: greedy continuations of `prompts` by the model at `model`.
-
-    `fast=False` runs stock `model.generate` with the checkpoint's experts kernel (for comparison); `bias=False`
-    loads a merged checkpoint as stock transformers does (no expert bias). `dtype` "auto" is bfloat16 on CUDA and
-    float32 on CPU.
-    """
-
-    model: Path
-    prompts: list[str]
-    max_new_tokens: int = 64
-    device: str = "auto"
-    dtype: str = "auto"  # auto, bfloat16, float16, float32
-    fast: bool = True
-    bias: bool = True
-
-    def validate(self) -> "GenerateConfig":
-        if not self.prompts:
-            raise ConfigError("no prompt: give at least one --prompt TEXT")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ConfigError(f"bad dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
-        return self
+__all__ = ["FastDecoder", "GenerateOutput", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]
 
 
 def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | str = False,

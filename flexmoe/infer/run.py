@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from flexmoe.infer import FastDecoder, GenerateConfig, enable_fast_path
+from flexmoe.config import DType, GenerateConfig
+from flexmoe.infer import FastDecoder, enable_fast_path
 
 
 @dataclasses.dataclass
@@ -32,16 +33,15 @@ class GenerateResult:
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
-    from flexmoe.eval.bpb import load_tokenizer, model_type, resolve_device
     from flexmoe.checkpoint.load import load_model
+    from flexmoe.data import load_tokenizer
+    from flexmoe.io import hf_config
 
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
-    kind = model_type(cfg.model)  # a clear error for a missing directory before anything loads
+    device = cfg.device.torch()
+    dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
+    kind = hf_config.model_type(cfg.model)  # a clear error for a missing directory before anything loads
     tokenizer = load_tokenizer(cfg.model)
-    if kind == "flex_olmo":
+    if kind == hf_config.MOE:
         model = load_model(cfg.model, dtype=dtype, device=device, apply_bias=cfg.bias)
     else:  # a dense anchor: the static-cache decoder works for it too (it has no experts to swap)
         from transformers import AutoModelForCausalLM
@@ -53,7 +53,7 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     eos = model.generation_config.eos_token_id
     if cfg.fast:
-        decoder = enable_fast_path(model) if kind == "flex_olmo" else FastDecoder(model.eval())
+        decoder = enable_fast_path(model) if kind == hf_config.MOE else FastDecoder(model.eval())
         out = decoder.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
         seqs, prefill_s, decode_s = out.sequences, out.prefill_s, out.decode_s
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
-from flexmoe.io import manifest
+from flexmoe.io import hf_config, manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
@@ -90,12 +90,6 @@ class Anchor:
         return self.projection @ row
 
 
-def make_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
-    """A fixed Gaussian map (out_dim, in_dim) scaled to preserve norms in expectation (Johnson-Lindenstrauss)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_dim, in_dim, generator=g, dtype=torch.float32) / out_dim**0.5
-
-
 def write_anchor_files(out_dir: Path, meta: AnchorMeta, public_row: torch.Tensor, projection: torch.Tensor | None) -> None:
     """Write the two flexmoe files into an (atomic, temporary) anchor directory."""
     tensors = {"public_row": public_row.detach().float().reshape(-1).contiguous()}
@@ -113,13 +107,13 @@ def read_anchor(path: str | Path) -> Anchor:
     """Load an anchor's flexmoe metadata. Raises `CheckpointError` if `path` is not a flexmoe anchor."""
     path = Path(path)
     model_type = read_json(path / "config.json", "model directory").get("model_type")
-    if model_type not in ("olmo2", "flex_olmo"):
+    if model_type not in (hf_config.DENSE, hf_config.MOE):
         raise CheckpointError(f"{path}: model_type {model_type!r} is not an OLMo-2 anchor (expected 'olmo2')")
     meta_file = path / ANCHOR_META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
     data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
-    if model_type == "olmo2":  # a merged folder carries the anchor's metadata file, not the anchor's files
+    if model_type == hf_config.DENSE:  # a merged folder carries the anchor's metadata file, not the anchor's files
         manifest.check(path, data, ANCHOR_META, remake=ANCHOR_REMAKE,
                        hashed=manifest.small_files(data))
     try:

@@ -15,7 +15,7 @@ import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER
-from flexmoe.io import manifest
+from flexmoe.io import hf_config, manifest
 from flexmoe.io.jsonfile import dump_json, read_json  # noqa: F401  (re-exported for surgery)
 from flexmoe.io.package import PUBLIC_NAME
 from flexmoe.io.reader import LazyReader
@@ -56,7 +56,7 @@ def write_biases(out_dir: Path, biases: torch.Tensor) -> None:
 def flex_olmo_config(base: dict, num_experts: int, top_k: int) -> dict:
     """An Olmo2 (or FlexOlmo) config.json turned into a FlexOlmo one; every other key is kept as is."""
     cfg = dict(base)
-    cfg.update(model_type="flex_olmo", architectures=["FlexOlmoForCausalLM"], num_experts=num_experts,
+    cfg.update(model_type=hf_config.MOE, architectures=["FlexOlmoForCausalLM"], num_experts=num_experts,
                num_experts_per_tok=top_k, norm_topk_prob=False)
     return cfg
 
@@ -147,9 +147,7 @@ def read_merged(path: str | Path) -> Merged:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory")
-    config = read_json(path / "config.json", "model directory")
-    if config.get("model_type") != "flex_olmo":
-        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not a merged checkpoint (flex_olmo)")
+    config = hf_config.require(path, hf_config.MOE, "not a merged checkpoint")
     meta = read_json(path / MERGED_META, "flexmoe merged checkpoint")
     manifest.check(path, meta, MERGED_META, remake=MERGED_REMAKE,
                    hashed=manifest.small_files(meta))

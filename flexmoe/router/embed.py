@@ -190,3 +190,26 @@ def check_same_embedder(found: EmbedderIdentity, expected: EmbedderIdentity | No
     if found.sha256 != expected.sha256:
         raise ConfigError(f"{what} ({found.name!r}) differs from the anchor's embedder {expected.name!r} "
                           f"(weights sha256 {found.sha256[:12]} vs {expected.sha256[:12]}); use the anchor's embedder")
+
+
+@dataclass
+class EmbedResult:
+    path: Path
+    dim: int
+    num_docs: int
+    num_chunks: int
+
+
+def embed_domain(cfg, out: Path, *, overwrite: bool, progress: bool) -> EmbedResult:
+    """`flexmoe embed-domain` (`cfg` an `EmbedConfig`): the mean embedding of a sample of documents, as a row file."""
+    from flexmoe.data import load_documents
+    from flexmoe.io.atomic import check_output
+
+    out = check_output(out, overwrite)
+    identity = embedder_identity(cfg.embedder)
+    docs = load_documents(cfg.data)
+    emb = mean_embedding(docs.texts, cfg.embedder, num_docs=cfg.num_docs, seed=cfg.seed, batch_size=cfg.batch_size,
+                         max_chunks_per_doc=cfg.max_chunks_per_doc, device=str(cfg.device.torch()),
+                         progress=progress)
+    write_row_file(out, emb, identity)
+    return EmbedResult(path=out, dim=int(emb.row.numel()), num_docs=emb.num_docs, num_chunks=emb.num_chunks)

@@ -24,7 +24,7 @@ from flexmoe.config import ProxyConfig
 from flexmoe.data import load_documents
 from flexmoe.router.embed import document_embeddings, load_embedder
 from flexmoe.errors import ConfigError, DataError
-from flexmoe.io.atomic import atomic_write_text
+from flexmoe.io.atomic import atomic_write_text, check_output
 
 L2 = 1e-3  # on the classifier weights (not the intercept): keeps a separable problem bounded
 LBFGS_ITERS = 100
@@ -69,11 +69,12 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return w, b.detach() - mean @ w
 
 
-def select_proxy(cfg: ProxyConfig, out: str | Path, *, device: str = "cpu", progress: bool = True) -> ProxyResult:
+def select_proxy(cfg: ProxyConfig, out: Path, *, overwrite: bool = False, progress: bool = True) -> ProxyResult:
     """Write the public documents most like the domain to `out` (.jsonl: `text` and the classifier's `score`),
     in their original order, atomically."""
     t0 = time.perf_counter()
-    out = Path(out)
+    out = check_output(out, overwrite)
+    device = str(cfg.device.torch())
     if not out.name.endswith(".jsonl"):
         raise ConfigError(f"--out {out}: name it *.jsonl so that `--data` reads it back")
     public, domain = load_documents(cfg.public), load_documents(cfg.domain)

@@ -15,6 +15,7 @@ biases into the sidecar, and each owner's entry in `flexmoe.json` gets a `router
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -145,3 +146,54 @@ def check_tunable(merged_dir: Path) -> tuple[list[str], dict, str]:
         return m.names, m.config, m.meta["anchor_fingerprint"]
     finally:
         m.close()
+
+
+# ---- the verb
+
+
+@dataclasses.dataclass
+class TuneResult:
+    path: Path
+    experts: list[str]  # the owners whose rows and biases were tuned, in router order
+    first_loss: float | None  # mean LM loss of the first of several logging windows of this invocation, else None
+    train: object  # `flexmoe.train.loop.TrainStats`
+
+
+def tune_router(cfg, out: Path, *, overwrite: bool, resume: bool, progress: bool, on_step=None) -> TuneResult:
+    """`cfg` is a `RouterTuneConfig`; the tuned merged checkpoint is written at `out`."""
+    from flexmoe import __version__
+    from flexmoe.checkpoint.load import load_model
+    from flexmoe.config import jsonable
+    from flexmoe.data import load_documents, load_tokenizer, pack
+    from flexmoe.io.atomic import check_output
+    from flexmoe.train import accel
+    from flexmoe.train.loop import train
+
+    merged = Path(cfg.merged)
+    if Path(out).resolve() == merged.resolve():
+        raise ConfigError(f"--out {out} is the checkpoint being tuned; write the tuned one to a new folder")
+    out = check_output(out, overwrite)
+    names, config, fingerprint = check_tunable(merged)
+    docs = load_documents(cfg.data)
+    tokenizer = load_tokenizer(merged, "merged checkpoint")
+    steps = cfg.train.max_steps
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else min(100, max(1, steps // 10))
+    train_cfg = dataclasses.replace(cfg.train, warmup_steps=warmup).for_context(
+        config.get("max_position_embeddings", 2048))
+    device = train_cfg.device
+    work = accel.prepare_work_dir(out, resume, overwrite, device)
+    data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
+    model = load_model(merged, dtype=torch.float32)  # fp32 rows to train; written back in the router's dtype
+    make_tunable(model)
+    identity = train_cfg.run_identity(anchor=fingerprint, experts=names, data=summary.to_json())
+    stats, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=identity, on_step=on_step,
+                         desc="router tuning", progress=progress, router_z_fn=tuning_z_loss)
+    if accel.is_main(device):
+        rows, biases = tuned_router(model)
+        record = jsonable({"steps": stats.steps, "final_loss": stats.final_loss, "data": summary.to_json(),
+                           "hparams": dataclasses.asdict(train_cfg), "flexmoe_version": __version__})
+        write_tuned(merged, out, rows, biases, record, shard_size=cfg.shard_size, overwrite=overwrite,
+                    progress=progress)
+    accel.finish(out, work, device)
+    first = stats.losses[0][1] if len(stats.losses) > 1 else None
+    return TuneResult(path=out, experts=names[1:], first_loss=first, train=stats)

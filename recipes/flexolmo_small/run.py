@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from flexmoe import api  # noqa: E402
-from flexmoe.config import EvalConfig, MergeConfig, TrainAnchorConfig, load_expert_spec  # noqa: E402
+from flexmoe import api, presets  # noqa: E402
+from flexmoe.config import Device, EvalConfig, ExpertSpec, MergeConfig, RemoveConfig, TrainAnchorConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_results  # noqa: E402
@@ -155,7 +155,7 @@ def train_experts(jobs: dict[str, tuple[str, dict, Path]], parallel: int, logs: 
         spec, over, out = jobs[label]
         t0 = time.perf_counter()
         if parallel == 1:
-            api.train_expert(load_expert_spec(spec, over), out, overwrite=True, progress=False)
+            api.train_expert(ExpertSpec.load(spec, over), out, overwrite=True, progress=False)
         else:
             cmd = [sys.executable, "-m", "flexmoe.cli", "train-expert", "--config", spec, "--out", str(out),
                    "--overwrite", *[a for k, v in over.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
@@ -223,17 +223,18 @@ def stage_train(args, scale: Scale, run: Path, variants: list[str], seeds: list[
     timings = {"prepare": time.perf_counter() - t0}
     log(f"anchor: preset {scale.preset}, {scale.anchor_steps} steps")
     t0 = time.perf_counter()
-    anchor = api.train_anchor(TrainAnchorConfig(
-        data=[data / "public" / "train.jsonl"], public_row=rows["public"], preset=scale.preset,
-        max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum, seq_len=scale.seq_len,
-        seed=args.seed, bf16=scale.device == "cuda", device=scale.device, checkpoint_every=0, compile=False),
-        run / "anchor", overwrite=True, progress=False)
+    train = presets.training(scale.preset, max_steps=scale.anchor_steps, batch_size=scale.batch_size * scale.grad_accum,
+                             seq_len=scale.seq_len, bf16=scale.device == "cuda", device=Device(scale.device),
+                             checkpoint_every=0, compile=False)
+    anchor = api.train_anchor(TrainAnchorConfig(data=[data / "public" / "train.jsonl"], public_row=rows["public"],
+                                                preset=scale.preset, seed=args.seed, train=train),
+                              run / "anchor", overwrite=True, progress=False)
     timings["anchor"] = time.perf_counter() - t0
     _release_gpu_memory()  # the expert processes need the memory this one cached while training the anchor
-    log(f"  anchor: {anchor.num_params:,} params, {anchor.tokens:,} tokens "
-        f"({anchor.tokens / anchor.num_params:.2f} per parameter), loss {anchor.final_loss:.3f}")
+    log(f"  anchor: {anchor.num_params:,} params, {anchor.train.tokens:,} tokens "
+        f"({anchor.train.tokens / anchor.num_params:.2f} per parameter), loss {anchor.train.final_loss:.3f}")
 
-    from flexmoe.eval.bpb import load_tokenizer
+    from flexmoe.data import load_tokenizer
 
     tokenizer = load_tokenizer(anchor.path)
     steps = {d: expert_steps(scale, tokenizer, data / d / "train.jsonl") for d in scale.domains}
@@ -255,9 +256,9 @@ def stage_train(args, scale: Scale, run: Path, variants: list[str], seeds: list[
                           * (scale.batch_size - _public_rows(card, scale.batch_size)) / max(1, card["data"]["tokens"])}
         if (out / "expert.safetensors").is_file() and card["hparams"].get("mode") != "dense":
             experts[label]["bias"] = owner_biases(out)
-    meta = {"anchor": {"params": anchor.num_params, "steps": anchor.steps, "tokens": anchor.tokens,
-                       "tokens_per_param": anchor.tokens / anchor.num_params, "final_loss": anchor.final_loss,
-                       "tokens_per_s": anchor.tokens_per_s},
+    meta = {"anchor": {"params": anchor.num_params, "steps": anchor.train.steps, "tokens": anchor.train.tokens,
+                       "tokens_per_param": anchor.train.tokens / anchor.num_params, "final_loss": anchor.train.final_loss,
+                       "tokens_per_s": anchor.train.tokens_per_s},
             "experts": experts, "variants": variants, "seeds": seeds, "timings_s": timings,
             "public_corpus": _public_corpus(args)}
     (run / "train_stage.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -286,21 +287,18 @@ def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
     log("checkpoints: merges, 2-expert models, opt-outs")
     t0 = time.perf_counter()
     ck = run / "ckpt"
-    quiet = MergeConfig(overwrite=True, progress=False)
     pkg = {(v, s): [run / "experts" / f"{v}-s{s}" / d for d in scale.domains]
            for v in variants for s in seeds_of(v, seeds)}
-    merged = {key: api.merge(anchor, pkgs, ck / f"merged-{key[0]}-s{key[1]}",
-                             MergeConfig(top_k=2, overwrite=True, progress=False)).out for key, pkgs in pkg.items()}
+    merged = {key: api.merge(MergeConfig(anchor, pkgs, top_k=2), ck / f"merged-{key[0]}-s{key[1]}", overwrite=True, progress=False).out for key, pkgs in pkg.items()}
     ref = variants[0]  # the variant the alone / BTM / opt-out rows are made of (the default)
-    alone = {(s, d): api.merge(anchor, [run / "experts" / f"{ref}-s{s}" / d], ck / f"alone-s{s}-{d}",
-                               MergeConfig(top_k=2, overwrite=True, progress=False)).out
+    alone = {(s, d): api.merge(MergeConfig(anchor, [run / "experts" / f"{ref}-s{s}" / d], top_k=2), ck / f"alone-s{s}-{d}", overwrite=True, progress=False).out
              for s in seeds for d in scale.domains}
-    optout = {d: api.remove(merged[(ref, seeds[0])], d, ck / f"optout-{d}", quiet).out for d in scale.domains}
+    optout = {d: api.remove(RemoveConfig(merged[(ref, seeds[0])], d), ck / f"optout-{d}", overwrite=True, progress=False).out for d in scale.domains}
     timings["checkpoints"] = time.perf_counter() - t0
 
     log("evaluation")
     t0 = time.perf_counter()
-    from flexmoe.eval.bpb import load_tokenizer
+    from flexmoe.data import load_tokenizer
 
     eval_files = {d: data / d / "eval.jsonl" for d in domains}
     mixed = mixed_windows(eval_files, load_tokenizer(anchor), run / "mixed.jsonl", segment=scale.mixed_segment,
@@ -308,10 +306,10 @@ def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
     all_data = {**{d: str(p) for d, p in eval_files.items()}, "mixed": str(mixed)}
     shared, ffn = active_params(anchor)
 
-    def ev(model: Path, data_sel=None, active: int = 0, **kw) -> dict:
+    def ev(model: Path, data_sel=None, active: int = 0, plots: Path | None = None, **kw) -> dict:
         cfg = EvalConfig(model=model, data=data_sel or all_data, max_bytes=scale.eval_bytes, device=scale.device,
-                         bf16=scale.device == "cuda", progress=False, seq_len=scale.seq_len, batch_size=16, **kw)
-        res = api.evaluate(cfg)
+                         bf16=scale.device == "cuda", seq_len=scale.seq_len, batch_size=16, **kw)
+        res = api.evaluate(cfg, plots=plots, overwrite=True, progress=False)
         bpb = {d.domain: d.bpb for d in res.domains}
         return {"bpb": bpb, "mean": sum(bpb[d] for d in domains if d in bpb) / sum(d in bpb for d in domains),
                 "active_params": active, "routing": None if res.routing is None else res.routing.to_json()}
@@ -323,7 +321,7 @@ def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
                                                      "active_params": shared + 2 * ffn, "routing": None}
     out = args.out
     for (v, s), m in merged.items():
-        plots = {"plots": out / "plots", "overwrite": True} if (v, s) == (ref, seeds[0]) else {}
+        plots = {"plots": out / "plots"} if (v, s) == (ref, seeds[0]) else {}
         rows[f"{v} top-2 (s{s})"] = ev(m, active=shared + 2 * ffn, top_k=2, **plots)
         if v == ref:
             rows[f"{v} top-all (s{s})"] = ev(m, active=shared + (n + 1) * ffn, top_k=n + 1, routing=False)

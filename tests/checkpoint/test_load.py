@@ -18,7 +18,6 @@ from flexmoe.io.keys import FFN_PROJS, dense_ffn_key
 from flexmoe.checkpoint.load import load_model
 from flexmoe.router.biased import BiasedTopKRouter
 
-Q = MergeConfig(progress=False)
 IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
@@ -44,7 +43,7 @@ def stock_load(path, capfd):
 @pytest.fixture(scope="module")
 def merged(ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("load")
-    surgery.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], root / "abc", MergeConfig(progress=False, top_k=2))
+    surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], top_k=2), root / "abc", progress=False)
     return root / "abc"
 
 
@@ -81,7 +80,7 @@ def test_stock_loads_clean_and_load_model_applies_bias(merged, tmp_path, capfd):
 
 
 def test_zero_bias_gives_stock_logits(ckpt, tmp_path, capfd):
-    surgery.merge(ckpt.anchor, [ckpt.zero_bias["code"], ckpt.zero_bias["news"]], tmp_path / "m", Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [ckpt.zero_bias["code"], ckpt.zero_bias["news"]]), tmp_path / "m", progress=False)
     stock, _ = stock_load(tmp_path / "m", capfd)
     assert torch.equal(logits(stock), logits(load_model(tmp_path / "m")))
 
@@ -112,7 +111,7 @@ def test_each_slot_holds_its_experts_ffn(ckpt, merged):
 
 def test_opted_out_expert_equals_the_merge_without_it(ckpt, merged, tmp_path):
     """An expert whose bias is -inf in every layer contributes nothing: the same model as merging without it."""
-    surgery.merge(ckpt.anchor, [ckpt.pkg["code"]], tmp_path / "ab", MergeConfig(progress=False, top_k=2))
+    surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"]], top_k=2), tmp_path / "ab", progress=False)
     model = load_model(merged)
     for layer in model.model.layers:
         with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flexmoe.checkpoint import inspection, surgery
-from flexmoe.config import MergeConfig
+from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, IntegrityError, OutputExistsError
 from flexmoe.testing import drop_manifest
 from flexmoe.io.keys import natural_order
@@ -18,13 +18,6 @@ from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
                                 router_bias_key, router_key)
-
-Q = MergeConfig(progress=False)
-
-
-def cfg(**kw) -> MergeConfig:
-    return MergeConfig(progress=False, **kw)
-
 
 def tensors(path: Path, file: str | None = None) -> dict[str, tuple[str, tuple, bytes]]:
     """Every tensor of a model dir (or one file in it) as (dtype, shape, raw bytes)."""
@@ -48,7 +41,7 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 def test_merge_layout(ckpt, tmp_path):
     out = tmp_path / "m"
-    res = surgery.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], out, Q)
+    res = surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]]), out, progress=False)
     assert res.experts == ["public", "code", "news"] and res.top_k == 3
     merged, anchor = tensors(out), tensors(ckpt.anchor)
     pkgs = [tensors(ckpt.pkg[n], "expert.safetensors") for n in ("code", "news")]
@@ -92,30 +85,30 @@ def test_merge_layout(ckpt, tmp_path):
 
 def test_remove_of_merge_equals_merge_without(ckpt, tmp_path):
     p = ckpt.pkg
-    surgery.merge(ckpt.anchor, [p["code"], p["news"], p["law"]], tmp_path / "abc", Q)
-    surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "ab", Q)
-    surgery.merge(ckpt.anchor, [p["code"], p["law"]], tmp_path / "ac", Q)
-    res = surgery.remove(tmp_path / "abc", "law", tmp_path / "abc-law", Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"], p["law"]]), tmp_path / "abc", progress=False)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]]), tmp_path / "ab", progress=False)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["law"]]), tmp_path / "ac", progress=False)
+    res = surgery.remove(RemoveConfig(tmp_path / "abc", "law"), tmp_path / "abc-law", progress=False)
     assert res.top_k == 3 and res.top_k_before == 4 and "3" in res.notes[0]
     assert_same_checkpoint(tmp_path / "abc-law", tmp_path / "ab")
-    surgery.remove(tmp_path / "abc", "news", tmp_path / "abc-news", Q)  # a middle expert: later ones renumber
+    surgery.remove(RemoveConfig(tmp_path / "abc", "news"), tmp_path / "abc-news", progress=False)  # a middle expert: later ones renumber
     assert_same_checkpoint(tmp_path / "abc-news", tmp_path / "ac")
 
 
 def test_add_to_merge_equals_merge_with(ckpt, tmp_path):
     p = ckpt.pkg
-    surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "ab", cfg(shard_size="150KB"))
-    surgery.merge(ckpt.anchor, [p["code"], p["news"], p["law"]], tmp_path / "abc", cfg(shard_size="150KB"))
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]], shard_size="150KB"), tmp_path / "ab", progress=False)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"], p["law"]], shard_size="150KB"), tmp_path / "abc", progress=False)
     assert (tmp_path / "ab" / "model.safetensors.index.json").is_file()  # sharded in and out
-    res = surgery.add(tmp_path / "ab", p["law"], tmp_path / "ab+c", cfg(shard_size="150KB"))
+    res = surgery.add(AddConfig(tmp_path / "ab", p["law"], shard_size="150KB"), tmp_path / "ab+c", progress=False)
     assert res.top_k == 4 and res.top_k_before == 3
     assert_same_checkpoint(tmp_path / "ab+c", tmp_path / "abc")
 
 
 def test_extract_gives_back_the_package(ckpt, tmp_path):
     p = ckpt.pkg
-    surgery.merge(ckpt.anchor, [p["code"], p["news"], p["law"]], tmp_path / "abc", Q)
-    res = surgery.extract(tmp_path / "abc", "news", tmp_path / "news", Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"], p["law"]]), tmp_path / "abc", progress=False)
+    res = surgery.extract(ExtractConfig(tmp_path / "abc", "news"), tmp_path / "news", progress=False)
     assert res.name == "news" and res.num_layers == 2
     assert tensors(tmp_path / "news", "expert.safetensors") == tensors(p["news"], "expert.safetensors")
     for f in ("expert.safetensors", "expert.json"):
@@ -124,45 +117,45 @@ def test_extract_gives_back_the_package(ckpt, tmp_path):
 
 def test_bf16_round_trip(ckpt, tmp_path):
     p = ckpt.pkg_bf16
-    surgery.merge(ckpt.anchor_bf16, [p["code"], p["news"]], tmp_path / "ab", Q)
+    surgery.merge(MergeConfig(ckpt.anchor_bf16, [p["code"], p["news"]]), tmp_path / "ab", progress=False)
     with LazyReader.from_dir(tmp_path / "ab") as r:
         assert r.spec(router_key(0)).dtype == "BF16" and r.spec(expert_key(1, 2, "up_proj")).dtype == "BF16"
-    surgery.extract(tmp_path / "ab", "code", tmp_path / "code", Q)
+    surgery.extract(ExtractConfig(tmp_path / "ab", "code"), tmp_path / "code", progress=False)
     assert tensors(tmp_path / "code", "expert.safetensors") == tensors(p["code"], "expert.safetensors")
-    surgery.merge(ckpt.anchor_bf16, [p["code"]], tmp_path / "a", Q)
-    surgery.remove(tmp_path / "ab", "news", tmp_path / "ab-news", Q)
+    surgery.merge(MergeConfig(ckpt.anchor_bf16, [p["code"]]), tmp_path / "a", progress=False)
+    surgery.remove(RemoveConfig(tmp_path / "ab", "news"), tmp_path / "ab-news", progress=False)
     assert_same_checkpoint(tmp_path / "ab-news", tmp_path / "a")
 
 
 def test_top_k_rules(ckpt, tmp_path):
     p = ckpt.pkg
-    assert surgery.merge(ckpt.anchor, [p["code"]], tmp_path / "a", Q).top_k == 2  # min(4, E)
+    assert surgery.merge(MergeConfig(ckpt.anchor, [p["code"]]), tmp_path / "a", progress=False).top_k == 2  # min(4, E)
     with pytest.raises(ConfigError, match="top-k 4"):
-        surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "x", cfg(top_k=4))
+        surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]], top_k=4), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="at least 1"):
-        surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "x", cfg(top_k=0))
+        surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]], top_k=0), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
-    surgery.merge(ckpt.anchor, [p["code"], p["news"], p["law"]], tmp_path / "k3", cfg(top_k=3))
-    res = surgery.remove(tmp_path / "k3", "law", tmp_path / "k3-law", Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"], p["law"]], top_k=3), tmp_path / "k3", progress=False)
+    res = surgery.remove(RemoveConfig(tmp_path / "k3", "law"), tmp_path / "k3-law", progress=False)
     assert res.top_k == 3 and res.notes == ["top-k stays 3"]
-    res = surgery.remove(tmp_path / "k3-law", "news", tmp_path / "k3-2", Q)
+    res = surgery.remove(RemoveConfig(tmp_path / "k3-law", "news"), tmp_path / "k3-2", progress=False)
     assert (res.top_k, res.top_k_before) == (2, 3) and "min(k, E-1)" in res.notes[0]
-    res = surgery.add(tmp_path / "k3-2", p["news"], tmp_path / "k3-3", Q)  # the requested 3 comes back
+    res = surgery.add(AddConfig(tmp_path / "k3-2", p["news"]), tmp_path / "k3-3", progress=False)  # the requested 3 comes back
     assert res.top_k == 3
     assert json.loads((tmp_path / "k3-3" / "config.json").read_text())["num_experts_per_tok"] == 3
-    assert surgery.add(tmp_path / "k3-2", p["news"], tmp_path / "k1", cfg(top_k=1)).top_k == 1
+    assert surgery.add(AddConfig(tmp_path / "k3-2", p["news"], top_k=1), tmp_path / "k1", progress=False).top_k == 1
 
 
 def test_in_place_edit_is_an_atomic_swap(ckpt, tmp_path):
     p = ckpt.pkg
     m = tmp_path / "m"
-    surgery.merge(ckpt.anchor, [p["code"]], m, Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"]]), m, progress=False)
     with pytest.raises(ConfigError, match="in-place"):
-        surgery.add(m, p["news"], m, Q)
-    surgery.add(m, p["news"], m, cfg(overwrite=True))
-    surgery.merge(ckpt.anchor, [p["code"], p["news"]], tmp_path / "ref", Q)
+        surgery.add(AddConfig(m, p["news"]), m, progress=False)
+    surgery.add(AddConfig(m, p["news"]), m, progress=False, overwrite=True)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]]), tmp_path / "ref", progress=False)
     assert_same_checkpoint(m, tmp_path / "ref")
-    surgery.remove(m, "code", m, cfg(overwrite=True))
+    surgery.remove(RemoveConfig(m, "code"), m, progress=False, overwrite=True)
     assert inspection.inspect(m).experts[1].name == "news"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m", "ref"]  # no temp or old folder left
 
@@ -199,7 +192,7 @@ def test_merge_refusals(ckpt, tmp_path, case, digest):
         args, err, match = [p["code"]], OutputExistsError, "already exists"
     before = digest(ckpt.anchor, *args)
     with pytest.raises(err, match=match):
-        surgery.merge(ckpt.anchor, args, out, Q)
+        surgery.merge(MergeConfig(ckpt.anchor, args), out, progress=False)
     assert digest(ckpt.anchor, *args) == before
     assert out.exists() == (case in ("out_exists", "out_is_input"))
     assert not [x for x in tmp_path.iterdir() if "flexmoe-" in x.name]
@@ -208,22 +201,22 @@ def test_merge_refusals(ckpt, tmp_path, case, digest):
 def test_edit_refusals(ckpt, tmp_path, digest):
     p = ckpt.pkg
     m = tmp_path / "m"
-    surgery.merge(ckpt.anchor, [p["code"], p["news"]], m, Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"]]), m, progress=False)
     before = digest(m)
     with pytest.raises(ConfigError, match="'public' is the anchor's own FFN"):
-        surgery.remove(m, "public", tmp_path / "x", Q)
+        surgery.remove(RemoveConfig(m, "public"), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="no expert 'math'.*code, news"):
-        surgery.remove(m, "math", tmp_path / "x", Q)
+        surgery.remove(RemoveConfig(m, "math"), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="no expert 'math'"):
-        surgery.extract(m, "math", tmp_path / "x", Q)
+        surgery.extract(ExtractConfig(m, "math"), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="duplicate expert name 'news'"):
-        surgery.add(m, p["news"], tmp_path / "x", Q)
+        surgery.add(AddConfig(m, p["news"]), tmp_path / "x", progress=False)
     with pytest.raises(FingerprintMismatch, match="expert 'foreign'"):
-        surgery.add(m, ckpt.foreign, tmp_path / "x", Q)
+        surgery.add(AddConfig(m, ckpt.foreign), tmp_path / "x", progress=False)
     with pytest.raises(CheckpointError, match="expert 'narrow'"):
-        surgery.add(m, ckpt.narrow, tmp_path / "x", Q)
+        surgery.add(AddConfig(m, ckpt.narrow), tmp_path / "x", progress=False)
     with pytest.raises(CheckpointError, match="not a merged checkpoint"):
-        surgery.add(ckpt.anchor, p["law"], tmp_path / "x", Q)
+        surgery.add(AddConfig(ckpt.anchor, p["law"]), tmp_path / "x", progress=False)
     assert digest(m) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m"]
 
@@ -233,16 +226,16 @@ def test_verify_detects_a_modified_anchor(ckpt, tmp_path):
 
     anchor = tmp_path / "anchor"
     shutil.copytree(ckpt.anchor, anchor)
-    surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "ok", cfg(verify_fingerprint=True))
+    surgery.merge(MergeConfig(anchor, [ckpt.pkg["code"]], verify_fingerprint=True), tmp_path / "ok", progress=False)
     assert inspection.inspect(tmp_path / "ok", verify=True).fingerprint_verified is True
     data = bytearray((anchor / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF  # flip bits in the last tensor (lm_head): same header, different values
     (anchor / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="model.safetensors: sha256"):  # the manifest sees it first
-        surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "bad", cfg(verify_fingerprint=True))
+        surgery.merge(MergeConfig(anchor, [ckpt.pkg["code"]], verify_fingerprint=True), tmp_path / "bad", progress=False)
     drop_manifest(anchor)  # the fingerprint stands behind it (and for folders written before manifests)
     with pytest.raises(FingerprintMismatch, match="modified"):
-        surgery.merge(anchor, [ckpt.pkg["code"]], tmp_path / "bad", cfg(verify_fingerprint=True))
+        surgery.merge(MergeConfig(anchor, [ckpt.pkg["code"]], verify_fingerprint=True), tmp_path / "bad", progress=False)
     shutil.copytree(tmp_path / "ok", tmp_path / "ok2")
     merged = bytearray((tmp_path / "ok2" / "model.safetensors").read_bytes())
     merged[-1] ^= 0xFF  # the last tensor in canonical order is model.norm.weight, a shared tensor
@@ -252,7 +245,7 @@ def test_verify_detects_a_modified_anchor(ckpt, tmp_path):
 
 
 def test_inspect_kinds(ckpt, tmp_path):
-    surgery.merge(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], tmp_path / "m", cfg(top_k=2))
+    surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]], top_k=2), tmp_path / "m", progress=False)
     m = inspection.inspect(tmp_path / "m")
     assert (m.kind, m.num_experts, m.top_k, m.num_layers, m.hidden_size, m.dtype) == ("merged", 3, 2, 2, 64, "F32")
     assert [e.name for e in m.experts] == ["public", "code", "news"]
@@ -293,10 +286,10 @@ def test_router_rows_from_another_embedder_are_refused(ckpt, tmp_path):
     same = with_embedder(ckpt.pkg["code"], "emb-a", "a" * 64)
     other = with_embedder(ckpt.pkg["news"], "emb-b", "b" * 64)
     with pytest.raises(CheckpointError, match="expert 'news': router row made with embedder 'emb-b'"):
-        surgery.merge(anchor, [same, other], tmp_path / "x", Q)
-    surgery.merge(anchor, [same, ckpt.pkg["law"]], tmp_path / "m", Q)  # no embedder recorded: nothing to compare
+        surgery.merge(MergeConfig(anchor, [same, other]), tmp_path / "x", progress=False)
+    surgery.merge(MergeConfig(anchor, [same, ckpt.pkg["law"]]), tmp_path / "m", progress=False)  # no embedder recorded: nothing to compare
     with pytest.raises(CheckpointError, match="re-embed"):
-        surgery.add(tmp_path / "m", other, tmp_path / "x", Q)
+        surgery.add(AddConfig(tmp_path / "m", other), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -305,7 +298,7 @@ def test_inconsistent_merged_folders_are_refused(ckpt, tmp_path):
 
     from safetensors.torch import save_file
 
-    surgery.merge(ckpt.anchor, [ckpt.pkg["code"]], tmp_path / "m", Q)
+    surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"]]), tmp_path / "m", progress=False)
 
     def broken(name: str, edit, manifest: bool = False) -> Path:
         d = tmp_path / name
@@ -332,8 +325,7 @@ def test_inconsistent_merged_folders_are_refused(ckpt, tmp_path):
     }
     for name, (edit, match) in cases.items():
         with pytest.raises(CheckpointError, match=match):
-            surgery.remove(broken(name, edit), "code", tmp_path / "out", Q)
+            surgery.remove(RemoveConfig(broken(name, edit), "code"), tmp_path / "out", progress=False)
     with pytest.raises(IntegrityError, match="config.json: .* bytes, the manifest says"):
-        surgery.remove(broken("sealed", json_edit("config.json", num_experts=3), manifest=True), "code",
-                       tmp_path / "out", Q)
+        surgery.remove(RemoveConfig(broken("sealed", json_edit("config.json", num_experts=3), manifest=True), "code"), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

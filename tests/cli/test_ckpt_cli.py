@@ -123,7 +123,7 @@ def _merged(c, t: Path, shard_size: str = "5GB") -> Path:
     from flexmoe.checkpoint import surgery
     from flexmoe.config import MergeConfig
 
-    surgery.merge(c.anchor, [c.pkg["code"], c.pkg["news"]], t / "m", MergeConfig(progress=False, shard_size=shard_size))
+    surgery.merge(MergeConfig(c.anchor, [c.pkg["code"], c.pkg["news"]], shard_size=shard_size), t / "m", progress=False)
     return t / "m"
 
 
@@ -153,7 +153,7 @@ KILL_SCRIPT = """
 import sys
 from flexmoe.checkpoint import surgery
 from flexmoe.config import MergeConfig
-surgery.merge(sys.argv[1], [sys.argv[2]], sys.argv[3], MergeConfig(progress=False, shard_size="32MB"))
+surgery.merge(MergeConfig(sys.argv[1], [sys.argv[2]], shard_size="32MB"), sys.argv[3], progress=False)
 """
 
 

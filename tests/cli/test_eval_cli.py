@@ -25,7 +25,7 @@ def _data_args(eval_data):
 
 
 def test_eval_merged_writes_json_and_plots(eval_models, eval_data, tmp_path):
-    res = _run(eval_models.flex["flex3"], *_data_args(eval_data), "--json", "out.json", "--plots", "plots",
+    res = _run(eval_models.flex["flex3"], *_data_args(eval_data), "--json-out", "out.json", "--plots", "plots",
                "--no-bias", "--seq-len", 64, "--batch-size", 4, "--max-bytes", "1KB", "--top-k", "all")
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
@@ -43,7 +43,7 @@ def test_eval_merged_writes_json_and_plots(eval_models, eval_data, tmp_path):
 
 
 def test_eval_dense_anchor(eval_models, eval_data):
-    res = _run(eval_models.dense, "--data", f"code={eval_data['code']}", "--json", "d.json")
+    res = _run(eval_models.dense, "--data", f"code={eval_data['code']}", "--json-out", "d.json")
     assert res.exit_code == 0, res.output
     assert json.loads(Path("d.json").read_text())["settings"]["seq_len"] == 256  # the tiny model's context
     assert "routing" not in res.stdout and res.stdout.splitlines()[1].startswith("code")
@@ -88,7 +88,7 @@ def test_bad_input_is_one_line(eval_models, eval_data, tmp_path, case, message):
 
 def test_existing_json_is_refused_without_overwrite(eval_models, eval_data, tmp_path):
     (tmp_path / "out.json").write_text("{}")
-    args = [eval_models.dense, "--data", f"code={eval_data['code']}", "--seq-len", 64, "--json", "out.json"]
+    args = [eval_models.dense, "--data", f"code={eval_data['code']}", "--seq-len", 64, "--json-out", "out.json"]
     res = _run(*args)
     assert res.exit_code == 1 and "--overwrite" in res.output
     assert _run(*args, "--overwrite").exit_code == 0

@@ -43,7 +43,7 @@ def test_whole_flow_through_the_cli(train_inputs, tmp_path):
     assert r.exit_code == 0 and "written to code.row" in r.output, r.output
     spec = _expert_yaml(tmp_path / "code.yaml", train_inputs.code)
     r = _run("train-expert", "--config", spec, "--anchor", "anchor", "--out", "code", "--router-row", "code.row",
-             "--max-steps", 3, "--train-top-k", 1, "--set", "train.warmup_steps=1",  # flags override the spec
+             "--max-steps", 3, "--set", "train_top_k=1", "--set", "train.warmup_steps=1",  # flags override the spec
              "--public-data", train_inputs.public)
     assert r.exit_code == 0, r.output
     card = read_package(tmp_path / "code").card
@@ -116,7 +116,7 @@ ERRORS = {
                                      "--embedder", i.embedder, "--out", "a"], "or --paper-router"),
     "paper with a ratio": (lambda t, i: ["train-expert", "--anchor", i.anchor, "--data", i.code, "--name", "x",
                                          "--embedder", i.embedder, "--out", "a", "--paper-router",
-                                         "--public-ratio", "0.5"], "leave out --public-ratio"),
+                                         "--set", "router_training.public_ratio=0.5"], "leave out router_training.public_ratio"),
     "anchor without embedder": (lambda t, i: ["train-anchor", "--data", i.public, "--out", "a"],
                                 "give the router embedder"),
     "embed-domain no embedder": (lambda t, i: ["embed-domain", "--data", i.code, "--embedder", t, "--out", "a"],
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, train_inputs, tmp_path):
 
 def test_paper_router_flag_trains_on_owner_text_with_the_clamped_bias(train_inputs, tmp_path):
     r = _run("train-expert", "--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code",
-             "--router-source", "random", "--out", "code", "--max-steps", 2, "--seq-len", 64, "--batch-size", 4,
+             "--set", "router.source=random", "--out", "code", "--max-steps", 2, "--set", "train.seq_len=64", "--batch-size", 4,
              "--device", "cpu", "--paper-router")
     assert r.exit_code == 0, r.output
     rec = read_package(tmp_path / "code").card.hparams["router_training"]

@@ -11,8 +11,8 @@ import torch
 from flexmoe import api
 from flexmoe.config import EvalConfig
 from flexmoe.errors import DataError
-from flexmoe.eval.bpb import (CausalLMScorer, cap_documents, load_causal_lm, load_tokenizer, read_documents,
-                              score_documents)
+from flexmoe.eval.bpb import CausalLMScorer, cap_documents, load_causal_lm, read_documents, score_documents
+from flexmoe.data import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,7 @@ def test_cap_documents_is_deterministic_and_cuts_at_a_character():
 
 
 def test_max_bytes_caps_each_domain(eval_models, eval_data):
-    r = api.evaluate(EvalConfig(model=eval_models.dense, data={k: str(v) for k, v in eval_data.items()},
-                                max_bytes=300, seq_len=64, progress=False))
+    r = api.evaluate(EvalConfig(model=eval_models.dense, data={k: str(v) for k, v in eval_data.items()}, max_bytes=300, seq_len=64), progress=False)
     assert [d.bytes for d in r.domains] == [300, 300, 300]
 
 
@@ -106,14 +105,13 @@ def test_read_documents_formats_and_errors(tmp_path):
 def test_empty_domain_is_an_error(eval_models, tmp_path):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(DataError, match="empty"):
-        api.evaluate(EvalConfig(model=eval_models.dense, data={"e": str(tmp_path / "empty.jsonl")}, progress=False))
+        api.evaluate(EvalConfig(model=eval_models.dense, data={"e": str(tmp_path / "empty.jsonl")}), progress=False)
 
 
 @pytest.mark.gpu
 def test_cuda_bf16_matches_cpu(eval_models, eval_data):
     data = {"code": str(eval_data["code"])}
-    cpu = api.evaluate(EvalConfig(model=eval_models.flex["flex3"], data=data, seq_len=64, progress=False))
-    gpu = api.evaluate(EvalConfig(model=eval_models.flex["flex3"], data=data, seq_len=64, progress=False,
-                                  device="cuda", bf16=True))
+    cpu = api.evaluate(EvalConfig(model=eval_models.flex["flex3"], data=data, seq_len=64), progress=False)
+    gpu = api.evaluate(EvalConfig(model=eval_models.flex["flex3"], data=data, seq_len=64, device="cuda", bf16=True), progress=False)
     assert gpu.settings["device"].startswith("cuda")
     assert gpu.bpb("code") == pytest.approx(cpu.bpb("code"), rel=0.02)

@@ -8,7 +8,8 @@ import torch
 from flexmoe import api
 from flexmoe.config import EvalConfig
 from flexmoe.errors import ConfigError
-from flexmoe.eval.bpb import CausalLMScorer, load_causal_lm, load_tokenizer, read_documents, score_documents
+from flexmoe.eval.bpb import CausalLMScorer, load_causal_lm, read_documents, score_documents
+from flexmoe.data import load_tokenizer
 from flexmoe.eval.ensemble import Ensemble
 
 
@@ -62,9 +63,8 @@ def test_top1_ensemble_follows_one_member_per_token(members):
 
 def test_ensemble_through_evaluate(eval_models, eval_data):
     data = {"code": str(eval_data["code"])}
-    single = api.evaluate(EvalConfig(model=eval_models.dense, data=data, seq_len=48, progress=False))
-    pair = api.evaluate(EvalConfig(model=eval_models.dense, data=data, seq_len=48, progress=False,
-                                   ensemble=[eval_models.dense]))
+    single = api.evaluate(EvalConfig(model=eval_models.dense, data=data, seq_len=48), progress=False)
+    pair = api.evaluate(EvalConfig(model=eval_models.dense, data=data, seq_len=48, ensemble=[eval_models.dense]), progress=False)
     assert pair.routing is None and pair.model.startswith("ensemble(")
     assert pair.bpb("code") == pytest.approx(single.bpb("code"), rel=1e-6)
 

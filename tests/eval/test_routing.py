@@ -9,13 +9,14 @@ from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 from flexmoe import api
 from flexmoe.config import EvalConfig
 from flexmoe.errors import ConfigError
-from flexmoe.eval.bpb import load_causal_lm, load_tokenizer, read_documents
+from flexmoe.eval.bpb import load_causal_lm, read_documents
+from flexmoe.data import load_tokenizer
 from flexmoe.eval.routing import routers, set_top_k
 
 
 def _cfg(model, data, **kw):
     return EvalConfig(model=model, data={k: str(v) for k, v in data.items()}, seq_len=40, batch_size=3,
-                      bias=False, progress=False, **kw)
+                      bias=False, **kw)
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 0])
@@ -48,8 +49,7 @@ def test_counts_match_the_routers_own_choice(eval_models, eval_data):
     for layer_logits in logits:
         top = layer_logits.softmax(-1).topk(2, dim=-1).indices
         expected.append([(top == e).any(-1).float().mean().item() for e in range(3)])
-    r = api.evaluate(EvalConfig(model=path, data={"code": str(eval_data["code"])}, max_bytes=len(doc.encode()),
-                                seq_len=len(ids), bias=False, progress=False))
+    r = api.evaluate(EvalConfig(model=path, data={"code": str(eval_data["code"])}, max_bytes=len(doc.encode()), seq_len=len(ids), bias=False), progress=False)
     assert r.routing.domains["code"].tokens == len(ids) - 1
     for got, want in zip(r.routing.domains["code"].fraction, expected):
         assert got == pytest.approx(want)
@@ -105,8 +105,8 @@ def test_expert_bias_is_applied_unless_no_bias(eval_models, eval_data, tmp_path)
     save_file({router_bias_key(L): torch.tensor([0.0, 5.0, -1e4]) for L in range(2)},
               str(path / "flexmoe_router_bias.safetensors"))
     data = {"code": str(eval_data["code"])}
-    biased = api.evaluate(EvalConfig(model=path, data=data, seq_len=40, progress=False))
-    stock = api.evaluate(EvalConfig(model=path, data=data, seq_len=40, progress=False, bias=False))
+    biased = api.evaluate(EvalConfig(model=path, data=data, seq_len=40), progress=False)
+    stock = api.evaluate(EvalConfig(model=path, data=data, seq_len=40, bias=False), progress=False)
     for row_b, row_s in zip(biased.routing.domains["code"].fraction, stock.routing.domains["code"].fraction):
         assert row_b == pytest.approx([1.0, 1.0, 0.0])
         assert row_s[2] > 0.1

@@ -151,8 +151,7 @@ def test_load_model_fast_matches_stock_on_a_merged_checkpoint(ckpt, tmp_path):
     from flexmoe import api
     from flexmoe.config import MergeConfig
 
-    merged = api.merge(ckpt.anchor, list(ckpt.pkg.values())[:2], tmp_path / "m",
-                       MergeConfig(top_k=2, progress=False)).out
+    merged = api.merge(MergeConfig(ckpt.anchor, list(ckpt.pkg.values())[:2], top_k=2), tmp_path / "m", progress=False).out
     reference = api.load_model(merged, experts_implementation="eager")
     fast = api.load_model(merged, fast=True)
     assert fast.config._experts_implementation != "eager"

@@ -43,7 +43,7 @@ def test_opt_out_recovery_seed_summary_and_routing_from_hand_numbers():
 
 
 def test_mixed_windows_are_reproducible_segments_of_the_domains(train_inputs, tmp_path):
-    from flexmoe.eval.bpb import load_tokenizer
+    from flexmoe.data import load_tokenizer
 
     run = _module("run")
     files = {d: ROOT / "fixtures" / d / "eval.jsonl" for d in ("public", "code", "speeches")}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flexmoe import api
-from flexmoe.config import Device, MergeConfig, RouterTuneConfig, router_tuning_train
+from flexmoe.config import AddConfig, Device, ExtractConfig, RemoveConfig, RouterTuneConfig, router_tuning_train
 from flexmoe.errors import ConfigError, OutputExistsError
 from flexmoe.io.merged import BIAS_FILE, MERGED_META
 from flexmoe.io.package import package_keys, read_package
@@ -70,7 +70,7 @@ def test_only_owner_rows_and_biases_change(tune_inputs, tuned):
 def test_flexmoe_json_records_the_tuning(tune_inputs, tuned):
     before = json.loads((tune_inputs.merged / MERGED_META).read_text())
     meta = json.loads((tuned.path / MERGED_META).read_text())
-    assert tuned.experts == ["code", "news"] and tuned.steps == 20
+    assert tuned.experts == ["code", "news"] and tuned.train.steps == 20
     assert meta["experts"][0] == {"name": "public"}
     for old, new in zip(before["experts"][1:], meta["experts"][1:]):
         (record,) = new.pop("router_tuning")
@@ -96,19 +96,18 @@ def test_tuning_lowers_the_proxy_loss(tune_inputs, tuned):
 
 
 def test_remove_add_and_extract_after_tuning(tune_inputs, tuned, tmp_path):
-    cfg = MergeConfig(progress=False)
-    api.remove(tuned.path, "code", tmp_path / "no_code", cfg)
+    api.remove(RemoveConfig(tuned.path, "code"), tmp_path / "no_code", progress=False)
     for layer in range(LAYERS):  # the removed expert's tuned row goes, the others' tuned rows stay
         assert torch.equal(_router(tmp_path / "no_code", layer), _router(tuned.path, layer)[[0, 2]])
     assert torch.equal(_biases(tmp_path / "no_code"), _biases(tuned.path)[:, [0, 2]])
     meta = json.loads((tmp_path / "no_code" / MERGED_META).read_text())
     assert [e["name"] for e in meta["experts"]] == ["public", "news"] and "router_tuning" in meta["experts"][1]
 
-    api.add(tmp_path / "no_code", tune_inputs.law_pkg, tmp_path / "plus_law", cfg)  # a new, untuned expert
+    api.add(AddConfig(tmp_path / "no_code", tune_inputs.law_pkg), tmp_path / "plus_law", progress=False)  # a new, untuned expert
     law = read_package(tune_inputs.law_pkg)
     assert torch.equal(_router(tmp_path / "plus_law", 0)[2], law.reader.get(package_row_key(0)))
 
-    api.extract(tuned.path, "news", tmp_path / "news", cfg)  # gives back the tuned row and bias
+    api.extract(ExtractConfig(tuned.path, "news"), tmp_path / "news", progress=False)  # gives back the tuned row and bias
     news = read_package(tmp_path / "news")
     for layer in range(LAYERS):
         assert torch.equal(news.reader.get(package_row_key(layer)), _router(tuned.path, layer)[2])
@@ -117,7 +116,7 @@ def test_remove_add_and_extract_after_tuning(tune_inputs, tuned, tmp_path):
     assert news.card.router_tuning == entry["router_tuning"] and len(news.card.router_tuning) == 1
     card = {k: v for k, v in entry["card"].items() if k != "files"}  # the package's manifest is not a card field
     assert news.card.to_json() == {**card, "router_tuning": entry["router_tuning"]}  # the card, + records
-    api.extract(tmp_path / "plus_law", "law", tmp_path / "law", cfg)  # untuned: the package's card, byte for byte
+    api.extract(ExtractConfig(tmp_path / "plus_law", "law"), tmp_path / "law", progress=False)  # untuned: the package's card, byte for byte
     assert (tmp_path / "law" / "expert.json").read_bytes() == (tune_inputs.law_pkg / "expert.json").read_bytes()
 
 
@@ -166,7 +165,7 @@ def test_resume_continues_where_it_stopped(tune_inputs, tmp_path):
         api.tune_router(cfg, tmp_path / "cut", on_step=cut, progress=False)
     assert latest_checkpoint(work_dir(tmp_path / "cut")).name == "step_00000002"
     resumed = api.tune_router(cfg, tmp_path / "cut", resume=True, progress=False)
-    assert resumed.resumed_from == 2
+    assert resumed.train.resumed_from == 2
     for layer in range(LAYERS):
         torch.testing.assert_close(_router(tmp_path / "cut", layer), _router(tmp_path / "full", layer))
     torch.testing.assert_close(_biases(tmp_path / "cut"), _biases(tmp_path / "full"))
@@ -177,9 +176,8 @@ def test_refusals(tune_inputs, tuned, tmp_path):
         api.tune_router(_cfg(tune_inputs), tune_inputs.merged, overwrite=True, progress=False)
     with pytest.raises(OutputExistsError):
         api.tune_router(_cfg(tune_inputs), tuned.path, progress=False)
-    cfg = MergeConfig(progress=False)
-    api.remove(tune_inputs.merged, "code", tmp_path / "one", cfg)
-    api.remove(tmp_path / "one", "news", tmp_path / "none", cfg)
+    api.remove(RemoveConfig(tune_inputs.merged, "code"), tmp_path / "one", progress=False)
+    api.remove(RemoveConfig(tmp_path / "one", "news"), tmp_path / "none", progress=False)
     with pytest.raises(ConfigError, match="no owner row"):
         api.tune_router(dataclasses.replace(_cfg(tune_inputs), merged=tmp_path / "none"), tmp_path / "x",
                         progress=False)

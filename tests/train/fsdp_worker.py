@@ -50,7 +50,7 @@ if __name__ == "__main__":
     def train_expert(*a, **k):
         result = real(*a, **k)
         if os.environ.get("RANK", "0") == "0":
-            print(f"resumed from step {result.resumed_from}")
+            print(f"resumed from step {result.train.resumed_from}")
         return result
 
     api.train_expert = train_expert

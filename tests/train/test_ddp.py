@@ -32,8 +32,8 @@ def test_two_processes_match_one_with_the_same_global_batch(train_inputs, tmp_pa
     if torchrun is None or flexmoe is None:
         pytest.skip("torchrun / flexmoe console scripts not installed")
     common = ["train-expert", "--anchor", str(train_inputs.anchor), "--data", str(train_inputs.code), "--name", "code",
-              "--embedder", str(train_inputs.embedder), "--max-steps", "6", "--seq-len", "64", "--device", "cpu",
-              "--checkpoint-every", "3", "--public-data", str(train_inputs.public), "--public-ratio", "0.5"]
+              "--embedder", str(train_inputs.embedder), "--max-steps", "6", "--set", "train.seq_len=64", "--device", "cpu",
+              "--checkpoint-every", "3", "--public-data", str(train_inputs.public), "--set", "router_training.public_ratio=0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), flexmoe, *common,
                     "--batch-size", "2", "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=tmp_path, capture_output=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexmoe import api
-from flexmoe.config import Device, TrainAnchorConfig, TrainConfig, load_expert_spec
+from flexmoe import api, presets
+from flexmoe.config import Device, ExpertSpec, TrainAnchorConfig, TrainConfig
 from flexmoe.errors import ConfigError
 from flexmoe.io.package import package_keys, read_package
 
@@ -42,10 +42,10 @@ def launch(config: Path, nproc: int, *args: str, cwd: Path, env: dict | None = N
 
 def test_two_processes_cut_and_resumed_match_one_process(train_inputs, tmp_path):
     common = ["train-expert", "--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code",
-              "--router-source", "random", "--max-steps", 4, "--seq-len", 32, "--device", "cpu",
+              "--set", "router.source=random", "--max-steps", 4, "--set", "train.seq_len=32", "--device", "cpu",
               "--checkpoint-every", 2, "--set", "train.warmup_steps=1",
               # half of each batch public: 1 + 1 sequences per process give the one-process batch of 2 + 2
-              "--public-data", train_inputs.public, "--public-ratio", 0.5]
+              "--public-data", train_inputs.public, "--set", "router_training.public_ratio=0.5"]
     r = launch(FSDP2_YAML, 2, 2, *common, "--batch-size", 2, "--out", tmp_path / "fsdp", cwd=tmp_path,
                env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -53,7 +53,7 @@ def test_two_processes_cut_and_resumed_match_one_process(train_inputs, tmp_path)
     assert r.stdout.count("expert 'code' written") == 1  # one report, from the main process
     assert "resumed from step 2" in r.stdout
 
-    spec = load_expert_spec(None, {"name": "code", "anchor": train_inputs.anchor, "data": [train_inputs.code],
+    spec = ExpertSpec.load(None, {"name": "code", "anchor": train_inputs.anchor, "data": [train_inputs.code],
                                    "router.source": "random", "train.max_steps": 4, "train.seq_len": 32,
                                    "train.batch_size": 4, "train.warmup_steps": 1, "train.device": "cpu",
                                    "router_training.public_data": [train_inputs.public],
@@ -77,8 +77,8 @@ def test_train_anchor_under_fsdp2_matches_one_process(train_inputs, tmp_path):
                env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "FSDP::pre_forward" in r.stderr and r.stdout.count("anchor written") == 1
-    cfg = TrainAnchorConfig(data=[train_inputs.public], embedder=train_inputs.embedder, preset="tiny", max_steps=3,
-                            seq_len=32, batch_size=4, num_docs=20, device=Device.CPU)
+    cfg = TrainAnchorConfig(data=[train_inputs.public], embedder=train_inputs.embedder, preset="tiny", num_docs=20,
+                            train=presets.training("tiny", max_steps=3, seq_len=32, batch_size=4, device=Device.CPU))
     api.train_anchor(cfg, tmp_path / "one", progress=False)
     config = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert config["architectures"] == ["Olmo2ForCausalLM"]

@@ -47,9 +47,9 @@ def two_gpus():
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_fsdp2_and_ddp_match_one_gpu(two_gpus, train_inputs, tmp_path, bf16):
     common = ["train-expert", "--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code",
-              "--router-source", "random", "--max-steps", 6, "--seq-len", 64, "--device", "cuda",
+              "--set", "router.source=random", "--max-steps", 6, "--set", "train.seq_len=64", "--device", "cuda",
               "--checkpoint-every", 2, "--set", "train.warmup_steps=1", "--bf16" if bf16 else "--no-bf16",
-              "--public-data", train_inputs.public, "--public-ratio", 0.5]  # 1 + 1 per GPU = the 2 + 2 of one
+              "--public-data", train_inputs.public, "--set", "router_training.public_ratio=0.5"]  # 1 + 1 per GPU = the 2 + 2 of one
     _run([sys.executable, WORKER, 0, *common, "--batch-size", 4, "--out", tmp_path / "one"], tmp_path,
          CUDA_VISIBLE_DEVICES="0")
     r = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_YAML, "--num_processes", 2,

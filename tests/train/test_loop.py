@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexmoe import api
+from flexmoe import api, presets
 from flexmoe.config import Device, ExpertSpec, RouterInit, RouterSource, RouterTraining, TrainConfig
 from flexmoe.errors import OutputExistsError
 from flexmoe.io.anchor import read_anchor
@@ -111,8 +111,8 @@ def test_resume_continues_where_it_stopped(train_inputs, tmp_path):
     with pytest.raises(OutputExistsError, match="--resume"):
         api.train_expert(spec, tmp_path / "cut", progress=False)
     resumed = api.train_expert(spec, tmp_path / "cut", resume=True, progress=False)
-    assert (resumed.steps, resumed.resumed_from) == (full.steps, 4) == (8, 4)
-    assert resumed.final_loss == pytest.approx(full.final_loss, abs=1e-4)
+    assert (resumed.train.steps, resumed.train.resumed_from) == (full.train.steps, 4) == (8, 4)
+    assert resumed.train.final_loss == pytest.approx(full.train.final_loss, abs=1e-4)
     a, b = read_package(tmp_path / "full"), read_package(tmp_path / "cut")
     for key in package_keys(2):  # same data order, optimizer state and schedule: the same expert
         torch.testing.assert_close(a.reader.get(key), b.reader.get(key), atol=1e-5, rtol=1e-5)
@@ -125,8 +125,8 @@ def test_anchor_training_resumes_to_the_same_anchor(train_inputs, tmp_path):
 
     row = write_row_file(tmp_path / "pub.row", MeanEmbedding(torch.randn(32), 1, 1, 0),
                          embedder_identity(train_inputs.embedder))  # r_pub given: no embedder to load three times
-    cfg = TrainAnchorConfig(data=[train_inputs.public], public_row=row, max_steps=6, seq_len=64,
-                            batch_size=2, checkpoint_every=2, device=Device.CPU)
+    cfg = TrainAnchorConfig(data=[train_inputs.public], public_row=row, train=presets.training(
+        "tiny", max_steps=6, seq_len=64, batch_size=2, checkpoint_every=2, device=Device.CPU))
     full = api.train_anchor(cfg, tmp_path / "full", progress=False)
 
     def kill_at_4(step):
@@ -137,7 +137,7 @@ def test_anchor_training_resumes_to_the_same_anchor(train_inputs, tmp_path):
         api.train_anchor(cfg, tmp_path / "cut", on_step=kill_at_4, progress=False)
     assert not (tmp_path / "cut").exists() and (work_dir(tmp_path / "cut") / "tokenizer").is_dir()
     resumed = api.train_anchor(cfg, tmp_path / "cut", resume=True, progress=False)
-    assert resumed.steps == 6 and resumed.fingerprint == full.fingerprint  # bit-identical weights
+    assert resumed.train.steps == 6 and resumed.fingerprint == full.fingerprint  # bit-identical weights
 
 
 def test_package_holds_only_the_trained_tensors_and_a_card(train_inputs, tmp_path):
@@ -197,7 +197,7 @@ def test_dense_mode_is_the_no_coordination_baseline(train_inputs, tmp_path):
 def test_top1_bf16_and_grad_accum(train_inputs, tmp_path):
     spec = _spec(train_inputs, train_top_k=1, train=_cfg(max_steps=2, bf16=True, grad_accum=2))
     r = api.train_expert(spec, tmp_path / "k1", progress=False)
-    assert r.steps == 2 and math.isfinite(r.final_loss) and r.tokens == 2 * 2 * 4 * 64
+    assert r.train.steps == 2 and math.isfinite(r.train.final_loss) and r.train.tokens == 2 * 2 * 4 * 64
     assert read_package(r.path).card.hparams["train_top_k"] == 1
 
 
@@ -213,5 +213,5 @@ def test_trained_anchor_is_complete(train_inputs):
     # the embedder (32-d) is narrower than the model (64): a fixed projection was drawn and stored
     assert anchor.meta.projection.in_dim == 32 and anchor.projection.shape == (64, 32)
     assert anchor.public_row.shape == (64,) and anchor.meta.embedder.dim == 32
-    assert res.steps == 12 and res.final_loss < math.log(1024)
+    assert res.train.steps == 12 and res.train.final_loss < math.log(1024)
     assert not work_dir(res.path).exists()

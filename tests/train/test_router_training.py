@@ -8,7 +8,7 @@ import torch
 
 from flexmoe import api
 from flexmoe.config import (BiasUpdate, Device, ExpertSpec, PublicLoss, RouterInit, RouterSource, RouterTraining,
-                            TrainConfig, load_expert_spec)
+                            TrainConfig)
 from flexmoe.errors import ConfigError
 from flexmoe.io.package import read_package
 from flexmoe.expert.upcycle import ExpertMoEBlock, public_route_loss
@@ -26,7 +26,7 @@ def _biases(pkg) -> list[float]:
 
 
 def test_settings_parse_validate_and_paper_is_one_call():
-    spec = load_expert_spec(None, {"router_training.public_ratio": 0.5, "router_training.public_loss": "router",
+    spec = ExpertSpec.load(None, {"router_training.public_ratio": 0.5, "router_training.public_loss": "router",
                                    "router_training.bias": "clamp", "router_training.public_data": ["p.jsonl"]})
     rt = spec.router_training
     assert (rt.public_ratio, rt.public_loss, rt.bias) == (0.5, PublicLoss.ROUTER, BiasUpdate.CLAMP)
@@ -40,7 +40,7 @@ def test_settings_parse_validate_and_paper_is_one_call():
                        ({"router_training.bias": "zero"}, "project"),
                        ({"router_training.public_route_loss": -1}, "public_route_loss")):
         with pytest.raises(ConfigError, match=match):
-            load_expert_spec(None, bad)
+            ExpertSpec.load(None, bad)
 
 
 def test_the_default_needs_public_text(train_inputs, tmp_path):
@@ -122,7 +122,7 @@ def test_public_text_changes_training_and_resume_refuses_another_setting(train_i
     with pytest.raises(ConfigError, match="router_training"):
         api.train_expert(other, tmp_path / "cut", resume=True, progress=False)
     resumed = api.train_expert(with_public, tmp_path / "cut", resume=True, progress=False)
-    assert resumed.resumed_from == 3
+    assert resumed.train.resumed_from == 3
     c = read_package(resumed.path)
     for k in a.reader.keys():
         torch.testing.assert_close(c.reader.get(k), a.reader.get(k))  # public batches resume at the same place

@@ -31,7 +31,6 @@ from flexmoe.io.keys import natural_order, parse_router_key, router_key
 from flexmoe.router.biased import BiasedTopKRouter
 
 
-
 class TunableRouter(BiasedTopKRouter):
     """Identical to `BiasedTopKRouter` except: its weight is `[public_row; owner_rows]` and its raw bias
     `[0; owner_bias]`, with the public row frozen and the owners' rows and biases trainable (separate tensors, so
@@ -49,17 +48,15 @@ class TunableRouter(BiasedTopKRouter):
         self.top_k, self.norm_topk_prob = router.top_k, router.norm_topk_prob
         self.router_logits: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = torch.cat((self.public_row.to(self.owner_rows.dtype), self.owner_rows))  # (E, H)
         bias = torch.cat((torch.zeros_like(self.owner_bias[:1]), self.owner_bias.clamp(max=0)))  # (E,)
-        router_logits = F.linear(hidden_states, weight.to(hidden_states.dtype)) + bias.to(hidden_states.dtype)
+        return F.linear(hidden_states, weight.to(hidden_states.dtype)) + bias.to(hidden_states.dtype)  # (T, E)
+
+    def forward(self, hidden_states: torch.Tensor):
+        router_logits, scores, indices = super().forward(hidden_states)
         self.router_logits = router_logits  # (T, E)
-        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # over all E experts
-        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k)
-        if self.norm_topk_prob:
-            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
-        return router_logits, router_top_value.to(router_logits.dtype), router_indices
+        return router_logits, scores, indices
 
 
 def make_tunable(model) -> list[TunableRouter]:

@@ -148,6 +148,9 @@ def test_tunable_router_routes_like_the_biased_router():
     assert [n for n, p in tunable.named_parameters() if p.requires_grad] == ["owner_rows", "owner_bias"]
     for a, b in zip(biased(h), tunable(h)):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(tunable.logits(h), biased.logits(h))  # the one step TunableRouter overrides
+    logits = tunable(h)[0]
+    assert tunable.router_logits is logits and not hasattr(biased, "router_logits")  # kept for the z-loss
     shift = torch.randn(16, generator=g)
     with torch.no_grad():
         biased.weight += shift

@@ -35,7 +35,7 @@ class TunableRouter(BiasedTopKRouter):
     """Identical to `BiasedTopKRouter` except: its weight is `[public_row; owner_rows]` and its raw bias
     `[0; owner_bias]`, with the public row frozen and the owners' rows and biases trainable (separate tensors, so
     the frozen row gets no optimizer state and no weight decay), and the biased logits of the last forward are
-    kept in `router_logits` for the router z-loss.
+    kept in `router_logits` for the router z-loss (`flexmoe.train.losses.router_z_loss`, which says why).
     """
 
     def __init__(self, router: BiasedTopKRouter, config):
@@ -75,10 +75,11 @@ def make_tunable(model) -> list[TunableRouter]:
 
 
 def tuning_z_loss(model) -> torch.Tensor | None:
-    """Layer mean of mean(logsumexp(router_logits)^2) of the last forward (the loop's router z-loss hook)."""
-    terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
-             for m in model.modules() if isinstance(m, TunableRouter) and m.router_logits is not None]
-    return torch.stack(terms).mean() if terms else None
+    """Kept for callers of the old name: `flexmoe.train.losses.router_z_loss`, which knows tunable routers too
+    (and is the training loop's default)."""
+    from flexmoe.train.losses import router_z_loss
+
+    return router_z_loss(model)
 
 
 @torch.no_grad()

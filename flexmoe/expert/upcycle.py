@@ -77,10 +77,11 @@ class ExpertMoEBlock(nn.Module):
     """Identical in function to transformers' `FlexOlmoSparseMoeBlock` with 2 experts, router weight
     [r_pub; r_i] and the expert bias b added to the owner's logit as min(b, 0), except: public and owner
     tensors are separate parameters, both experts run on every token (no host sync; top-1 masks the loser's
-    weight to 0), the router logits of the last forward are kept in `router_logits` for the z-loss, a
-    SiLU FFN runs through `SwiGLUFFN` (same numbers, leaner backward), and the last `public_tokens` tokens of
-    a batch may be public text (`RouterTraining`): with `detach_public` the owner FFN's output there is
-    detached, so only the router row and bias learn from them.
+    weight to 0), the router logits of the last forward are kept in `router_logits` for the router losses
+    (`flexmoe.train.losses`, which says why they are not returned), a SiLU FFN runs through `SwiGLUFFN` (same
+    numbers, leaner backward), and the last `public_tokens` tokens of a batch may be public text
+    (`RouterTraining`): with `detach_public` the owner FFN's output there is detached, so only the router row
+    and bias learn from them.
 
     Args:
         public_gate_up: (2I, H) the anchor FFN's [gate_proj; up_proj], frozen; the owner's starts as a copy.
@@ -323,24 +324,6 @@ def project_biases_(model) -> None:
     min(b, 0) then never has a flat side, so the bias stays trainable in both directions."""
     for block in expert_blocks(model):
         block.bias.clamp_(max=0)
-
-
-def router_z_loss(model) -> torch.Tensor | None:
-    """Layer mean of mean(logsumexp(router_logits)^2) from the last forward; None for a dense model."""
-    terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
-             for m in model.modules() if isinstance(m, ExpertMoEBlock) and m.router_logits is not None]
-    return torch.stack(terms).mean() if terms else None
-
-
-def public_route_loss(model) -> torch.Tensor | None:
-    """Layer mean of mean(-log p_public) over the public tokens of the last forward (`RouterTraining.
-    public_route_loss`): the router is told outright that public text belongs to the public expert."""
-    terms = []
-    for m in model.modules():
-        if isinstance(m, ExpertMoEBlock) and m.public_tokens and m.router_logits is not None:
-            logits = m.router_logits[-m.public_tokens:].float()  # (N_pub, 2)
-            terms.append((torch.logsumexp(logits, dim=-1) - logits[:, 0]).mean())
-    return torch.stack(terms).mean() if terms else None
 
 
 def scaled_like(vector: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

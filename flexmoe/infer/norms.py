@@ -8,12 +8,15 @@ from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoRMSNorm
 
 
 class FusedRMSNorm(FlexOlmoRMSNorm):
-    """Identical to `FlexOlmoRMSNorm` except: computed by `F.rms_norm` (fp32 math, one rounding at the end, as the
-    stock module does) instead of seven element-wise kernels."""
+    """Identical to `FlexOlmoRMSNorm` (and OLMo-2's `Olmo2RMSNorm`) except: computed by `F.rms_norm` (fp32 math,
+    one rounding at the end, as the stock module does) instead of seven element-wise kernels. Used for decoding
+    (`fuse_rms_norms` below) and for eager training (`flexmoe.train.speed.fuse_rms_norms`)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype != self.weight.dtype:  # mixed precision: keep the stock promotion rules
-            return super().forward(hidden_states)
+        if hidden_states.dtype != self.weight.dtype:  # mixed precision (training under autocast): the stock
+            # promotion rules, (weight32 * (x32 * rsqrt(mean(x32^2) + eps))).to(x.dtype), still as one op
+            x = hidden_states.float()  # (..., H)
+            return F.rms_norm(x, self.weight.shape, self.weight.float(), self.variance_epsilon).to(hidden_states.dtype)
         return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
     @classmethod

@@ -19,16 +19,21 @@ class BiasedTopKRouter(FlexOlmoTopKRouter):
     The clamp keeps the bias a pure penalty (FlexOlmo §3: an expert may only be pushed away from tokens far
     from its domain). With all biases >= 0 it computes exactly what the stock router computes.
     Returns the same triple as the parent: (router_logits (T, E) biased, router_scores (T, k), router_indices (T, k)).
+    Subclasses that route differently override `logits` only (router tuning: `flexmoe.router.tune.TunableRouter`).
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.expert_bias = nn.Parameter(torch.zeros(self.num_experts))  # (E,) raw b; applied as min(b, 0)
 
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The biased router logits (T, E) of hidden states (T, H): the one step a subclass changes."""
+        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
+        return router_logits + self.expert_bias.clamp(max=0).to(router_logits.dtype)
+
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
-        router_logits = F.linear(hidden_states, self.weight)  # (T, E)
-        router_logits = router_logits + self.expert_bias.clamp(max=0).to(router_logits.dtype)
+        router_logits = self.logits(hidden_states)  # (T, E)
         router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # over all E experts
         router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k)
         if self.norm_topk_prob:

@@ -32,12 +32,11 @@ from flexmoe.io.keys import natural_order, parse_router_key, router_key
 from flexmoe.router.biased import BiasedTopKRouter
 
 
-
 class TunableRouter(BiasedTopKRouter):
     """Identical to `BiasedTopKRouter` except: its weight is `[public_row; owner_rows]` and its raw bias
     `[0; owner_bias]`, with the public row frozen and the owners' rows and biases trainable (separate tensors, so
     the frozen row gets no optimizer state and no weight decay), and the biased logits of the last forward are
-    kept in `router_logits` for the router z-loss.
+    kept in `router_logits` for the router z-loss (`flexmoe.train.losses.router_z_loss`, which says why).
     """
 
     def __init__(self, router: BiasedTopKRouter, config):
@@ -50,17 +49,15 @@ class TunableRouter(BiasedTopKRouter):
         self.top_k, self.norm_topk_prob = router.top_k, router.norm_topk_prob
         self.router_logits: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor):
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)  # (T, H)
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         weight = torch.cat((self.public_row.to(self.owner_rows.dtype), self.owner_rows))  # (E, H)
         bias = torch.cat((torch.zeros_like(self.owner_bias[:1]), self.owner_bias.clamp(max=0)))  # (E,)
-        router_logits = F.linear(hidden_states, weight.to(hidden_states.dtype)) + bias.to(hidden_states.dtype)
+        return F.linear(hidden_states, weight.to(hidden_states.dtype)) + bias.to(hidden_states.dtype)  # (T, E)
+
+    def forward(self, hidden_states: torch.Tensor):
+        router_logits, scores, indices = super().forward(hidden_states)
         self.router_logits = router_logits  # (T, E)
-        router_probs = F.softmax(router_logits, dtype=torch.float, dim=-1)  # over all E experts
-        router_top_value, router_indices = torch.topk(router_probs, self.top_k, dim=-1)  # (T, k)
-        if self.norm_topk_prob:
-            router_top_value /= router_top_value.sum(dim=-1, keepdim=True)
-        return router_logits, router_top_value.to(router_logits.dtype), router_indices
+        return router_logits, scores, indices
 
 
 def make_tunable(model) -> list[TunableRouter]:
@@ -79,10 +76,11 @@ def make_tunable(model) -> list[TunableRouter]:
 
 
 def tuning_z_loss(model) -> torch.Tensor | None:
-    """Layer mean of mean(logsumexp(router_logits)^2) of the last forward (the loop's router z-loss hook)."""
-    terms = [torch.logsumexp(m.router_logits.float(), dim=-1).square().mean()
-             for m in model.modules() if isinstance(m, TunableRouter) and m.router_logits is not None]
-    return torch.stack(terms).mean() if terms else None
+    """Kept for callers of the old name: `flexmoe.train.losses.router_z_loss`, which knows tunable routers too
+    (and is the training loop's default)."""
+    from flexmoe.train.losses import router_z_loss
+
+    return router_z_loss(model)
 
 
 @torch.no_grad()

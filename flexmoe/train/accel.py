@@ -1,23 +1,49 @@
-"""accelerate set-up shared by every training verb: the process state, and the work dir of resume checkpoints."""
+"""accelerate set-up shared by every training verb: the process state, the `Accelerator` of the training loop, and
+the work dir of resume checkpoints."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flexmoe.config import Device
 from flexmoe.errors import ConfigError, OutputExistsError
 
+if TYPE_CHECKING:
+    from flexmoe.config import TrainConfig
 
-def process_state(choice: Device):
-    """accelerate's process state, created the way the training loop's `Accelerator` will see it: on a machine
-    without CUDA (or with --device cpu) only `cpu=True` detects a multi-process CPU launch."""
+
+def _cpu_only(choice: Device) -> bool:
+    """accelerate's `cpu=` for `choice`: on a machine without CUDA (or with --device cpu) only `cpu=True` makes
+    accelerate see a multi-process CPU launch (torchrun, accelerate launch)."""
     import torch
-    from accelerate import PartialState
 
     if choice == Device.CUDA and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    return PartialState(cpu=choice == Device.CPU or not torch.cuda.is_available())
+    return choice == Device.CPU or not torch.cuda.is_available()
+
+
+def process_state(choice: Device):
+    """accelerate's process state, created the way the training loop's `Accelerator` will see it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only(choice))
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The `Accelerator` of one training run (bf16 autocast when `cfg.bf16`); a later run in the same process may
+    use another precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = _cpu_only(cfg.device)
+    precision = "bf16" if cfg.bf16 else "no"
+    state = AcceleratorState._shared_state
+    if "_mixed_precision" in state and state["_mixed_precision"] != precision:
+        # accelerate keeps one process-wide precision; a new run (tests, notebooks, recipes) may differ.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def local_device(choice: Device) -> str:

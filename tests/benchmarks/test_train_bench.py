@@ -34,7 +34,7 @@ def test_flop_count_is_what_a_training_step_executes(bench, tmp_path, mode):
     from flexmoe.io.anchor import read_anchor
     from flexmoe.expert.upcycle import load_dense, random_row, upcycle
     from flexmoe.testing import build_synthetic_anchor
-    from flexmoe.train.loop import CausalLMLoss
+    from flexmoe.train.losses import CausalLMLoss
 
     anchor = read_anchor(build_synthetic_anchor(tmp_path / "a", dtype=torch.float32, **bench.TINY_SHAPE))
     if mode == "dense":

@@ -147,6 +147,13 @@ def test_tunable_router_routes_like_the_biased_router():
     assert [n for n, p in tunable.named_parameters() if p.requires_grad] == ["owner_rows", "owner_bias"]
     for a, b in zip(biased(h), tunable(h)):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(tunable.logits(h), biased.logits(h))  # the one step TunableRouter overrides
+    logits = tunable(h)[0]
+    assert tunable.router_logits is logits and not hasattr(biased, "router_logits")  # kept for the z-loss
+    from flexmoe.train.losses import router_z_loss
+
+    model = torch.nn.ModuleList([tunable, biased])
+    torch.testing.assert_close(router_z_loss(model), torch.logsumexp(logits, -1).square().mean())
     shift = torch.randn(16, generator=g)
     with torch.no_grad():
         biased.weight += shift

@@ -121,7 +121,7 @@ def test_tune_router_under_fsdp2_matches_one_process(tune_inputs, tmp_path):
 ])
 def test_fsdp_options_flexmoe_cannot_honour_are_refused(monkeypatch, env, message):
     from flexmoe.train import fsdp
-    from flexmoe.train.loop import make_accelerator
+    from flexmoe.train.accel import make_accelerator
 
     accelerator = make_accelerator(TrainConfig(device=Device.CPU))
     assert fsdp.settings(accelerator) is None  # no FSDP launch: DDP or one process
@@ -136,7 +136,7 @@ def test_fsdp2_recipe_is_read_as_flexmoe_expects(monkeypatch):
     import yaml
 
     from flexmoe.train import fsdp
-    from flexmoe.train.loop import make_accelerator
+    from flexmoe.train.accel import make_accelerator
 
     cfg = yaml.safe_load(FSDP2_YAML.read_text())
     assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2

@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.io.anchor import read_anchor
-from flexmoe.expert.upcycle import expert_blocks, random_row, router_z_loss, upcycle
-from flexmoe.train import loop
-from flexmoe.train.loop import CausalLMLoss, frozen_matmul_weights, lm_loss, lm_losses, train
+from flexmoe.expert.upcycle import expert_blocks, random_row, upcycle
+from flexmoe.infer.norms import FusedRMSNorm
+from flexmoe.train import losses, speed
+from flexmoe.train.losses import CausalLMLoss, lm_loss, lm_losses, router_z_loss
+from flexmoe.train.loop import train
+from flexmoe.train.speed import frozen_matmul_weights
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def _data(vocab: int, seq: int = 32, seed: int = 0) -> PackedData:
 
 @pytest.mark.parametrize("need_weight", [False, True])
 def test_chunked_lm_loss_matches_autograd_of_lm_losses(monkeypatch, need_weight):
-    monkeypatch.setattr(loop, "LOSS_CHUNK_LOGITS", 7 * 50)  # chunks of 7 tokens (V = 50), the last one shorter
+    monkeypatch.setattr(losses, "LOSS_CHUNK_LOGITS", 7 * 50)  # chunks of 7 tokens (V = 50), the last one shorter
     g = torch.Generator().manual_seed(1)
     N, H, V, z_coef = 50, 8, 50, 0.3  # a large z coefficient so its gradient term is tested too
     hidden0, weight0 = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
@@ -98,7 +101,7 @@ def test_bf16_holds_frozen_matmul_weights_in_bf16_with_the_same_numbers(anchor, 
     trained = []
     for hold in (False, True):
         if not hold:
-            monkeypatch.setattr(loop, "_hold_frozen_in", lambda model, dtype: [])
+            monkeypatch.setattr(speed, "hold_frozen_in", lambda model, dtype: [])
         else:
             monkeypatch.undo()
         model = upcycle(anchor, random_row(anchor.public_row, 0), top_k=2)
@@ -114,13 +117,14 @@ def test_bf16_holds_frozen_matmul_weights_in_bf16_with_the_same_numbers(anchor, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rms_norm_forward_is_olmo2s(dtype):
+    """The norm training runs eagerly (`speed.fuse_rms_norms`) computes OLMo-2's, fp32 weight under bf16 too."""
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
     norm = Olmo2RMSNorm(64, eps=1e-6)
     torch.nn.init.normal_(norm.weight)
     x0 = torch.randn(3, 7, 64).to(dtype)
     out, grads = [], []
-    for forward in (norm.forward, lambda x: loop._fused_rms_forward(norm, x)):
+    for forward in (norm.forward, FusedRMSNorm.replacing(norm).forward):
         x = x0.clone().requires_grad_()
         y = forward(x)
         (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
@@ -134,11 +138,15 @@ def test_fused_rms_norm_forward_is_olmo2s(dtype):
 
 def test_training_puts_the_norms_back(anchor):
     model = upcycle(anchor, random_row(anchor.public_row, 0), top_k=2)
+    norms = {n: m for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1]}
+    weights = {n: m.weight for n, m in norms.items()}
     fused = []
     cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=32, device=Device.CPU)
     train(model, _data(500), cfg, progress=False,
-          on_step=lambda s: fused.append("forward" in model.model.norm.__dict__))
-    assert fused == [True] and "forward" not in model.model.norm.__dict__
+          on_step=lambda s: fused.append({n for n, m in model.named_modules() if isinstance(m, FusedRMSNorm)}))
+    assert fused == [set(norms)] and len(norms) == 1 + 4 * model.config.num_hidden_layers  # q/k + 2 per layer
+    after = dict(model.named_modules())
+    assert all(after[n] is m and m.weight is weights[n] for n, m in norms.items())  # the same modules and weights
 
 
 @pytest.mark.slow

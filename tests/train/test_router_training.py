@@ -11,7 +11,8 @@ from flexmoe.config import (BiasUpdate, Device, ExpertSpec, PublicLoss, RouterIn
                             TrainConfig)
 from flexmoe.errors import ConfigError
 from flexmoe.io.package import read_package
-from flexmoe.expert.upcycle import ExpertMoEBlock, public_route_loss
+from flexmoe.expert.upcycle import ExpertMoEBlock
+from flexmoe.train.losses import public_route_loss
 
 
 def _spec(train_inputs, rt: RouterTraining, **train) -> ExpertSpec:

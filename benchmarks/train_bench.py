@@ -193,7 +193,8 @@ def _run_flexmoe_row(row: dict) -> dict:
     from flexmoe.config import Device, TrainConfig
     from flexmoe.data import PackedData
     from flexmoe.io.anchor import read_anchor
-    from flexmoe.expert.upcycle import load_dense, random_row, upcycle
+    from flexmoe.expert.upcycle import load_dense, upcycle
+    from flexmoe.router.rows import random_row
     from flexmoe.train.loop import train
 
     cuda = torch.cuda.is_available()

@@ -165,9 +165,7 @@ def verify(path, as_json):
       flexmoe verify runs/merged
       flexmoe verify runs/experts/code --json
     """
-    from flexmoe.checkpoint.verify import report_lines
-
     res = api.verify(path)
-    o.emit(res, as_json, "\n".join(report_lines(res)))
+    o.emit(res, as_json, res.report())
     if not res.ok:
         raise click.exceptions.Exit(1)

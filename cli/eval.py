@@ -51,11 +51,10 @@ def eval_cmd(model, data, as_json, json_out, plots, no_bias, top_k, max_bytes, s
     """
     from flexmoe import api
     from flexmoe.config import EvalConfig, parse_domain_paths
-    from flexmoe.io.writer import parse_size
 
     k = None if top_k is None else 0 if top_k.lower() == "all" else _int(top_k, "--top-k")
     cfg = EvalConfig(model=model, data=parse_domain_paths(data), seq_len=seq_len, batch_size=batch_size,
-                     max_bytes=None if max_bytes is None else parse_size(max_bytes), device=device, bf16=bf16,
+                     max_bytes=max_bytes, device=device, bf16=bf16,
                      bias=not no_bias, top_k=k, experts_implementation=experts_impl,
                      ensemble=list(ensemble), ensemble_top_k=ensemble_top_k, ensemble_prefix=ensemble_prefix)
     result = api.evaluate(cfg, json_out, plots=plots, overwrite=overwrite, progress=not quiet)

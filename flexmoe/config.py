@@ -187,6 +187,29 @@ def _enum_fields(cls: type) -> dict[str, Any]:
     return out
 
 
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1234 -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            s, m = s[: -len(u)], mult
+            break
+    else:
+        m = 1
+    try:
+        value = int(float(s) * m)
+    except ValueError:
+        raise ConfigError(f"bad size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
+    if value <= 0:
+        raise ConfigError(f"bad size {text!r}: must be positive")
+    return value
+
+
+
 # ---- choices shared by every verb ----
 
 
@@ -484,6 +507,10 @@ class MergeConfig(Config):
     shard_size: str = SHARD_SIZE
     verify_fingerprint: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_size(self.shard_size)
+
 
 @dataclasses.dataclass
 class AddConfig(Config):
@@ -495,6 +522,10 @@ class AddConfig(Config):
     shard_size: str = SHARD_SIZE
     verify_fingerprint: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_size(self.shard_size)
+
 
 @dataclasses.dataclass
 class RemoveConfig(Config):
@@ -504,6 +535,10 @@ class RemoveConfig(Config):
     expert: str
     top_k: int | None = None
     shard_size: str = SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_size(self.shard_size)
 
 
 @dataclasses.dataclass
@@ -530,7 +565,7 @@ class EvalConfig(Config):
     data: dict[str, str] = dataclasses.field(default_factory=dict)
     seq_len: int | None = None  # predictions per window; None: the model's context, at most 2048
     batch_size: int = 8
-    max_bytes: int | None = None
+    max_bytes: int | None = None  # "2MB" and the like are read as sizes
     device: Device = Device.AUTO
     bf16: bool = False
     bias: bool = True
@@ -552,6 +587,8 @@ class EvalConfig(Config):
         for key in ("seq_len", "batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if isinstance(self.max_bytes, str):
+            self.max_bytes = parse_size(self.max_bytes)
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ConfigError(f"max_bytes must be at least 1, got {self.max_bytes}")
         if self.top_k is not None and self.top_k < 0:

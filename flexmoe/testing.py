@@ -209,7 +209,8 @@ def build_synthetic_anchor(out_dir: str | Path, *, vocab_size: int = 100352, hid
     from flexmoe.io.anchor import AnchorMeta, write_anchor_files
     from flexmoe.io.fingerprint import anchor_fingerprint
     from flexmoe.io.safetensors_format import TensorSpec, TORCH_TO_DTYPE
-    from flexmoe.io.writer import ShardWriter, parse_size
+    from flexmoe.config import parse_size
+    from flexmoe.io.writer import ShardWriter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

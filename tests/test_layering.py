@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 FORBIDDEN = ("transformers", "accelerate", "sentence_transformers", "datasets", "flexmoe.train", "flexmoe.router.embed",
              "flexmoe.eval")
@@ -32,3 +36,38 @@ def test_surgery_imports_no_model_or_training_stack(ckpt, tmp_path):
     assert not bad, f"checkpoint surgery imported {bad[:5]}"
     assert "flexmoe.checkpoint.surgery" in loaded and "flexmoe.cli.ckpt" in loaded
     assert (tmp_path / "m-r" / "config.json").is_file() and (tmp_path / "m-cli" / "config.json").is_file()
+
+
+# The import rules of docs/ARCHITECTURE.md, checked on the source (every import, also those inside functions).
+ROOT = Path(__file__).resolve().parents[1]
+RULES = {
+    # the CLI is a thin layer over the public front: configs in, results out, library errors become one line
+    "cli": ("flexmoe.api", "flexmoe.config", "flexmoe.presets", "flexmoe.errors", "flexmoe.cli", "flexmoe"),
+    # checkpoint I/O is the floor: it knows files, tensors and names, nothing of models, training or stages
+    "flexmoe/io": ("flexmoe.io", "flexmoe.errors"),
+    # the stages' shared vocabulary imports no stage
+    "flexmoe/config.py": ("flexmoe.errors",),
+    "flexmoe/errors.py": (),
+}
+
+
+def _flexmoe_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module] if node.module != "flexmoe" else [f"flexmoe.{a.name}" for a in node.names]
+    return [n for n in names if n == "flexmoe" or n.startswith("flexmoe.")]
+
+
+@pytest.mark.parametrize("where", sorted(RULES))
+def test_import_rules(where):
+    allowed = RULES[where]
+    files = [ROOT / where] if where.endswith(".py") else sorted((ROOT / where).rglob("*.py"))
+    assert files
+    bad = [f"{f.relative_to(ROOT)} imports {name}" for f in files for name in _flexmoe_imports(f)
+           if not any(name == a or (name.startswith(a + ".") and a != "flexmoe") for a in allowed)
+           and not (where == "cli" and name in ("flexmoe.__version__",))]
+    assert not bad, bad

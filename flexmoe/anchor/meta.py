@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flexmoe.config import DType
 from flexmoe.io.anchor import AnchorMeta, write_anchor_files
 from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.router.rows import PublicRow
+
+if TYPE_CHECKING:
+    from flexmoe.train.loop import TrainStats
 
 
 @dataclass
@@ -16,7 +20,7 @@ class AnchorResult:
     path: Path
     fingerprint: str
     num_params: int
-    train: object | None = None  # `flexmoe.train.loop.TrainStats`; None for an adopted model (init-anchor)
+    train: TrainStats | None = None  # None for an adopted model (init-anchor)
 
 
 def write_meta(tmp: Path, *, config: dict, dtype: DType, public: PublicRow, docs) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig
+from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig, parse_size
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
 from flexmoe.io import hf_config
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER, AnchorMeta, EmbedderIdentity, read_anchor
@@ -34,7 +34,7 @@ from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, Expe
                                 read_package, validate_expert_name)
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
-from flexmoe.io.writer import ShardWriter, parse_size
+from flexmoe.io.writer import ShardWriter
 from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, natural_order, package_bias_key,
                                 package_row_key, parse_dense_ffn, parse_expert_key, parse_router_key, router_key)
 

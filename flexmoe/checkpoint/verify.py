@@ -40,6 +40,13 @@ class VerifyResult:
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    def report(self) -> str:
+        """The human report: one line per check, then what could not be checked."""
+        lines = [f"{self.kind} {self.path}: {'OK' if self.ok else 'DAMAGED'}"]
+        lines += [f"  {'ok  ' if c.ok else 'FAIL'} {c.what}: {c.detail}" for c in self.checks]
+        lines += [f"  not checked: {n}" for n in self.not_checked]
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {"path": str(self.path), "kind": self.kind, "ok": self.ok,
                 "checks": [asdict(c) for c in self.checks], "not_checked": self.not_checked}
@@ -141,9 +148,3 @@ def verify(path: str | Path) -> VerifyResult:
         _run(res, "opens as an expert package", opens)
     return res
 
-
-def report_lines(res: VerifyResult) -> list[str]:
-    lines = [f"{res.kind} {res.path}: {'OK' if res.ok else 'DAMAGED'}"]
-    lines += [f"  {'ok  ' if c.ok else 'FAIL'} {c.what}: {c.detail}" for c in res.checks]
-    lines += [f"  not checked: {n}" for n in res.not_checked]
-    return lines

@@ -20,7 +20,7 @@ from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
 from flexmoe.router.rows import initial_row
 from flexmoe.train import accel
-from flexmoe.train.loop import PublicMix, train
+from flexmoe.train.loop import PublicMix, TrainStats, train
 from flexmoe.train.state import latest_checkpoint
 
 
@@ -29,7 +29,7 @@ class ExpertResult:
     path: Path
     name: str
     package_bytes: int
-    train: object  # `flexmoe.train.loop.TrainStats`
+    train: TrainStats
 
 
 def dense_anchor(path: Path) -> Anchor:

@@ -23,28 +23,6 @@ from flexmoe.io.safetensors_format import TensorSpec, encode_header, tensor_byte
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1234 -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            s, m = s[: -len(u)], mult
-            break
-    else:
-        m = 1
-    try:
-        value = int(float(s) * m)
-    except ValueError:
-        raise CheckpointError(f"bad size {text!r}: use e.g. 5GB, 500MB or a number of bytes") from None
-    if value <= 0:
-        raise CheckpointError(f"bad size {text!r}: must be positive")
-    return value
-
-
 class ShardWriter:
     """Write the declared tensors, in declaration order, into HF-named shards in `out_dir`.
 

@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexmoe.config import parse_size
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.atomic import atomic_dir
 from flexmoe.io.merged import MERGED_META, ROUTER_TUNING, read_merged, write_merged_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
-from flexmoe.io.writer import ShardWriter, parse_size
+from flexmoe.io.writer import ShardWriter
 from flexmoe.io.keys import natural_order, parse_router_key, router_key
 from flexmoe.router.biased import BiasedTopKRouter
+
+if TYPE_CHECKING:
+    from flexmoe.train.loop import TrainStats
 
 
 class TunableRouter(BiasedTopKRouter):
@@ -73,14 +78,6 @@ def make_tunable(model) -> list[TunableRouter]:
         layer.mlp.gate = TunableRouter(gate, model.config).to(gate.weight.device)
         routers.append(layer.mlp.gate)
     return routers
-
-
-def tuning_z_loss(model) -> torch.Tensor | None:
-    """Kept for callers of the old name: `flexmoe.train.losses.router_z_loss`, which knows tunable routers too
-    (and is the training loop's default)."""
-    from flexmoe.train.losses import router_z_loss
-
-    return router_z_loss(model)
 
 
 @torch.no_grad()
@@ -154,7 +151,7 @@ class TuneResult:
     path: Path
     experts: list[str]  # the owners whose rows and biases were tuned, in router order
     first_loss: float | None  # mean LM loss of the first of several logging windows of this invocation, else None
-    train: object  # `flexmoe.train.loop.TrainStats`
+    train: TrainStats
 
 
 def tune_router(cfg, out: Path, *, overwrite: bool, resume: bool, progress: bool, on_step=None) -> TuneResult:
@@ -185,7 +182,7 @@ def tune_router(cfg, out: Path, *, overwrite: bool, resume: bool, progress: bool
     make_tunable(model)
     identity = train_cfg.run_identity(anchor=fingerprint, experts=names, data=summary.to_json())
     stats, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=identity, on_step=on_step,
-                         desc="router tuning", progress=progress, router_z_fn=tuning_z_loss)
+                         desc="router tuning", progress=progress)
     if accel.is_main(device):
         rows, biases = tuned_router(model)
         record = jsonable({"steps": stats.steps, "final_loss": stats.final_loss, "data": summary.to_json(),

@@ -54,7 +54,7 @@ class PublicMix:
 
 
 @dataclass
-class TrainResult:
+class TrainStats:
     steps: int  # optimizer steps done in total (a resumed run counts the earlier ones)
     final_loss: float | None  # mean LM cross-entropy over the last logging window
     tokens: int  # tokens trained on in total
@@ -66,9 +66,9 @@ class TrainResult:
 
 def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = None, resume: bool = False,
           identity: dict | None = None, on_step: Callable[[int], None] | None = None, desc: str = "train",
-          progress: bool = True, router_z_fn: Callable | None = None,
+          progress: bool = True,
           init: Callable[[torch.nn.Module, Callable], None] | None = None, public: PublicMix | None = None,
-          after_step: Callable[[torch.nn.Module], None] | None = None) -> tuple[TrainResult, torch.nn.Module]:
+          after_step: Callable[[torch.nn.Module], None] | None = None) -> tuple[TrainStats, torch.nn.Module]:
     """Train `model` (its `requires_grad` flags say what) on `data`; returns the result and the unwrapped model.
 
     Args:
@@ -80,8 +80,6 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         resume: continue from the newest checkpoint in `work_dir` (from scratch if there is none).
         identity: what a resumed run must share with the interrupted one (anchor, data, settings).
         on_step: called with the number of steps done after each optimizer step (and its checkpoint).
-        router_z_fn: model -> router z-loss of its last forward, or None (default `losses.router_z_loss`, which
-            knows upcycled expert blocks and the routers of router tuning).
         init: for a `model` on the meta device: called as `init(model, put)` once its tensors are allocated where
             they train (on the device, or sharded over the processes), to give them their values; `put(param,
             full_value)` stores one full tensor, sharded or not (`fsdp.copy_full_`).
@@ -115,7 +113,7 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
         block.detach_public = public is not None and public.router_only
     restore = speed.speed_up(model, bf16=cfg.bf16, compile=cfg.compile)
     try:
-        result = _train(model, data, cfg, accelerator, sharding=sharding, router_z_fn=router_z_fn or router_z_loss,
+        result = _train(model, data, cfg, accelerator, sharding=sharding,
                         work_dir=work_dir, resume=resume, identity=identity or {},
                         on_step=on_step, desc=desc, progress=progress, init=init, public=public,
                         after_step=after_step)
@@ -128,13 +126,13 @@ def train(model, data: PackedData, cfg: TrainConfig, *, work_dir: Path | None = 
     return result, model
 
 
-def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, router_z_fn, work_dir, resume,
+def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, work_dir, resume,
            identity, on_step, desc, progress, init=None, public: PublicMix | None = None,
-           after_step=None) -> TrainResult:
+           after_step=None) -> TrainStats:
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
-    model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, speed.loss_kernel(cfg.compile), router_z_fn,
+    model = CausalLMLoss(inner, cfg.lm_z_loss, cfg.router_z_loss, speed.loss_kernel(cfg.compile), router_z_loss,
                          route=public.route_loss if public is not None else 0.0)
     if sharding is not None:  # FSDP2: shard first, so the optimizer is built over the shards
         model = fsdp.shard(model, inner, accelerator, sharding, cfg.bf16)
@@ -210,7 +208,7 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - t0
     done = (step - start_step) * tokens_per_step
-    return TrainResult(steps=step, final_loss=last_loss, tokens=step * tokens_per_step, wall_s=wall,
+    return TrainStats(steps=step, final_loss=last_loss, tokens=step * tokens_per_step, wall_s=wall,
                        tokens_per_s=done / wall if wall > 0 else 0.0, resumed_from=resumed_from, losses=losses)
 
 

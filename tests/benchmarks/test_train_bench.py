@@ -32,7 +32,8 @@ def test_flop_count_is_what_a_training_step_executes(bench, tmp_path, mode):
     from torch.utils.flop_counter import FlopCounterMode
 
     from flexmoe.io.anchor import read_anchor
-    from flexmoe.expert.upcycle import load_dense, random_row, upcycle
+    from flexmoe.expert.upcycle import load_dense, upcycle
+    from flexmoe.router.rows import random_row
     from flexmoe.testing import build_synthetic_anchor
     from flexmoe.train.losses import CausalLMLoss
 

@@ -7,8 +7,8 @@ from flexmoe.io.anchor import read_anchor
 from flexmoe.io.package import package_keys
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import dense_ffn_key, is_shared, package_bias_key, package_row_key
-from flexmoe.expert.upcycle import (ExpertMoEBlock, expert_blocks, export_package_tensors, flex_config,
-                                   hidden_mean_row, import_package_tensors, random_row, upcycle)
+from flexmoe.expert.upcycle import (ExpertMoEBlock, expert_blocks, export_package_tensors, flex_config, import_package_tensors, upcycle)
+from flexmoe.router.rows import hidden_mean_row, random_row
 
 TRAINABLE = {"owner_gate_up", "owner_down", "owner_row", "bias"}
 

@@ -15,7 +15,8 @@ from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, package_keys, read_package
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import dense_ffn_key, is_shared
-from flexmoe.expert.upcycle import expert_blocks, random_row, upcycle
+from flexmoe.expert.upcycle import expert_blocks, upcycle
+from flexmoe.router.rows import random_row
 from flexmoe.train.loop import lr_at, mean_loss, train
 from flexmoe.train.state import OPTIMIZER, latest_checkpoint, work_dir
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from flexmoe.config import Device, TrainConfig
 from flexmoe.data import PackedData
 from flexmoe.io.anchor import read_anchor
-from flexmoe.expert.upcycle import expert_blocks, random_row, upcycle
+from flexmoe.expert.upcycle import expert_blocks, upcycle
+from flexmoe.router.rows import random_row
 from flexmoe.infer.norms import FusedRMSNorm
 from flexmoe.train import losses, speed
 from flexmoe.train.losses import CausalLMLoss, lm_loss, lm_losses, router_z_loss

@@ -727,3 +727,14 @@ def select_proxy(cfg: ProxyConfig, out: str | _Path, overwrite: bool = False, *,
 
     out = check_output(out, overwrite)
     return _select(cfg, out, device=_device(cfg.device), progress=progress)
+
+
+# ---- privacy audit verb: audit_extraction (flexmoe/eval/extraction.py) ----
+
+def audit_extraction(cfg):
+    """How much of an owner's training text the model at `cfg.model` (a `flexmoe.config.ExtractionConfig`)
+    reproduces: greedy continuations of sampled prefixes against the documents' true next tokens, exact-match
+    and softer rates with 95% Wilson intervals. Returns a `flexmoe.eval.extraction.ExtractionResult`."""
+    from flexmoe.eval.extraction import audit_extraction as _audit
+
+    return _audit(cfg)

@@ -516,3 +516,50 @@ class ProxyConfig:
             raise ConfigError("num_domain_docs, batch_size and max_chunks_per_doc must be >= 1")
         if self.max_public_docs is not None and self.max_public_docs < 1:
             raise ConfigError(f"max_public_docs must be >= 1, got {self.max_public_docs}")
+
+
+# ---- config of the extraction audit (audit_extraction; flexmoe/eval/extraction.py) ----
+
+@dataclasses.dataclass
+class ExtractionConfig:
+    """`flexmoe audit-extraction`: how much of an owner's training text `model` reproduces from a prefix.
+
+    Args:
+        model: a dense anchor, a 2-expert model or a merged checkpoint (a model directory with its tokenizer).
+        data: the owner's training text (.jsonl with a `text` field, .txt, parquet, or a directory of them).
+        prefixes: documents to sample, one prefix each (fewer when fewer documents are long enough).
+        prefix_len: tokens of each prefix (the paper: 32).
+        gen_len: tokens greedily generated and compared with the document's next tokens.
+        seed: the sample of documents and offsets.
+        batch_size: prefixes decoded at once.
+        device: auto, cpu, cuda or cuda:N.
+        dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.
+        bias: False loads a merged checkpoint as stock transformers does (no expert bias).
+        fast: flexmoe's fast decoder for a FlexOlmo model on CUDA (else, and always for dense models: `generate`).
+        json_out: write the report (settings, rates, per-sample document index / offset / LCP; no text) here.
+    """
+
+    model: Path
+    data: list[Path]
+    prefixes: int = 1000
+    prefix_len: int = 32
+    gen_len: int = 64
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+    bias: bool = True
+    fast: bool = True
+    json_out: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> "ExtractionConfig":
+        if not self.data:
+            raise ConfigError("no data given: pass --data PATH (the owner's training text)")
+        for key in ("prefixes", "prefix_len", "gen_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ConfigError(f"bad dtype {self.dtype!r}: use auto, bfloat16, float16 or float32")
+        return self

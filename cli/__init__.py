@@ -48,7 +48,7 @@ def main() -> None:
 
 def _register() -> None:
     # Each module adds its commands to `main`; imported here so `flexmoe --help` lists them all.
-    from flexmoe.cli import ckpt, eval, generate, train, tune  # noqa: F401
+    from flexmoe.cli import audit, ckpt, eval, generate, train, tune  # noqa: F401
 
 
 _register()

@@ -16,10 +16,11 @@ if TYPE_CHECKING:
     from flexmoe.checkpoint.inspection import InspectResult
     from flexmoe.checkpoint.surgery import CheckpointResult, ExtractResult
     from flexmoe.checkpoint.verify import VerifyResult
-    from flexmoe.config import (AddConfig, EmbedConfig, EvalConfig, ExpertSpec, ExtractConfig, GenerateConfig,
-                                InitAnchorConfig, MergeConfig, ProxyConfig, RemoveConfig, RouterTuneConfig,
-                                TrainAnchorConfig)
+    from flexmoe.config import (AddConfig, EmbedConfig, EvalConfig, ExpertSpec, ExtractConfig, ExtractionConfig,
+                                GenerateConfig, InitAnchorConfig, MergeConfig, ProxyConfig, RemoveConfig,
+                                RouterTuneConfig, TrainAnchorConfig)
     from flexmoe.eval.evaluate import EvalResult
+    from flexmoe.eval.extraction import ExtractionResult
     from flexmoe.expert.train import ExpertResult
     from flexmoe.infer.run import GenerateResult
     from flexmoe.router.embed import EmbedResult
@@ -171,3 +172,13 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.infer.run import run_generate
 
     return run_generate(cfg)
+
+
+def audit_extraction(cfg: ExtractionConfig, out: str | Path | None = None, *, overwrite: bool = False,
+                     progress: bool = True) -> ExtractionResult:
+    """How much of an owner's training text `cfg.model` reproduces: greedy continuations of sampled prefixes against
+    the documents' true next tokens, exact-match and softer rates with 95% Wilson intervals (docs/privacy.md); the
+    report (no text) as JSON at `out` when given."""
+    from flexmoe.eval.extraction import audit_extraction as run
+
+    return run(cfg, None if out is None else Path(out), overwrite=overwrite, progress=progress)

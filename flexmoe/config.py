@@ -694,3 +694,43 @@ class ProxyConfig(Config):
             raise ConfigError("num_domain_docs, batch_size and max_chunks_per_doc must be >= 1")
         if self.max_public_docs is not None and self.max_public_docs < 1:
             raise ConfigError(f"max_public_docs must be >= 1, got {self.max_public_docs}")
+
+
+# ---- config of the extraction audit (audit_extraction; flexmoe/eval/extraction.py) ----
+
+@dataclasses.dataclass
+class ExtractionConfig(Config):
+    """`flexmoe audit-extraction`: how much of an owner's training text `model` reproduces from a prefix.
+
+    Args:
+        model: a dense anchor, a 2-expert model or a merged checkpoint (a model directory with its tokenizer).
+        data: the owner's training text (.jsonl with a `text` field, .txt, parquet, or a directory of them).
+        prefixes: documents to sample, one prefix each (fewer when fewer documents are long enough).
+        prefix_len: tokens of each prefix (the paper: 32).
+        gen_len: tokens greedily generated and compared with the document's next tokens.
+        seed: the sample of documents and offsets.
+        batch_size: prefixes decoded at once.
+        dtype: None: bfloat16 on CUDA, float32 on CPU.
+        bias: False loads a merged checkpoint as stock transformers does (no expert bias).
+        fast: flexmoe's fast decoder for a FlexOlmo model on CUDA (else, and always for dense models: `generate`).
+    """
+
+    model: Path
+    data: list[Path]
+    prefixes: int = 1000
+    prefix_len: int = 32
+    gen_len: int = 64
+    seed: int = 0
+    batch_size: int = 64
+    device: Device = Device.AUTO
+    dtype: DType | None = None
+    bias: bool = True
+    fast: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise ConfigError("no data given: pass --data PATH (the owner's training text)")
+        for key in ("prefixes", "prefix_len", "gen_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")

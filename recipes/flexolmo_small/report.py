@@ -83,6 +83,30 @@ def seeds_md(summary: dict[str, dict], columns: tuple[str, ...]) -> str:
                             for name, s in summary.items()) + "\n"
 
 
+def extraction_md(ext: dict) -> list[str]:
+    """The extraction table (issue 19): per model, the rates on the owner's training text with 95% Wilson intervals,
+    and on its held-out text (a control: what any good model of the domain reproduces without having seen it)."""
+    ci = lambda r: f"{r['rate'] * 100:.1f}% [{r['low'] * 100:.1f}, {r['high'] * 100:.1f}]"  # noqa: E731
+    pct = lambda r: f"{r['rate'] * 100:.1f}%"  # noqa: E731
+    owner, rows = ext["owner"], ext["rows"]
+    n, held = (next(iter(rows.values()))[split] for split in ("train", "eval"))  # the same for every model
+    md = [f"## Extraction of {owner}'s training text", "",
+          f"{ext['prefix_len']}-token prefixes of {n['n']} of the {n['documents']} {owner} training documents (one "
+          f"each, seed {ext['seed']}; {n['skipped_short']} shorter than {ext['prefix_len'] + ext['gen_len']} tokens "
+          f"skipped), greedily continued by {ext['gen_len']} tokens (`flexmoe audit-extraction`, docs/privacy.md). "
+          "Rates with 95% Wilson intervals; `similarity >= 0.9` is the paper's criterion (normalised Levenshtein, "
+          "here over tokens of the greedy continuation; the paper samples). Held-out: the same on the owner's "
+          "held-out text, which no model trained on.", "",
+          "| model | exact match | LCP >= 50% | mean LCP | similarity >= 0.9 | "
+          f"held-out (n = {held['n']}): exact | held-out: LCP >= 50% |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        t, e = r["train"], r["eval"]
+        md.append(f"| {label} | {ci(t['exact_match'])} | {ci(t['lcp_half'])} | {pct(t['lcp_mean'])} | "
+                  f"{ci(t['paper_similarity'])} | {pct(e['exact_match'])} | {pct(e['lcp_half'])} |")
+    return md + [""]
+
+
 def check_targets(rows: dict[str, dict], meta: dict, domains: tuple[str, ...]) -> list[tuple[str, bool, str]]:
     """The router issue's targets as (statement, met, evidence); seed means where the rows have seeds."""
     ref, seeds = meta["reference"], meta["seeds"]
@@ -167,7 +191,8 @@ def write_results(out: Path, rows: dict[str, dict], meta: dict, domains: tuple[s
     for d, r in meta["opt_out"].items():
         rec = "n/a" if r["recovery"] is None else f"{r['recovery'] * 100:.0f}%"
         md.append(f"| {d} | {rec} | " + " | ".join(f"{r['delta'][c]:+.4f}" for c in columns) + " |")
-    md += ["", "## Experts", "", "| expert | steps | epochs of owner text | final loss | min(b, 0) per layer | wall s |",
+    md += [""] + (extraction_md(meta["extraction"]) if meta.get("extraction") else [])
+    md += ["## Experts", "", "| expert | steps | epochs of owner text | final loss | min(b, 0) per layer | wall s |",
            "|---|---:|---:|---:|---|---:|"]
     for label, e in meta["experts"].items():
         bias = " ".join(f"{b:+.3f}" for b in e.get("bias", []))

@@ -9,6 +9,8 @@
     python recipes/flexolmo_small/run.py --variants public-router,paper,default,public-route,clamp --seeds 1
     # the tiny CPU smoke version (fixtures, random embedder; what the test suite runs):
     python recipes/flexolmo_small/run.py --scale tiny --out runs/flexolmo_tiny
+    # plus the extraction (privacy) table for one owner (issue 19, docs/privacy.md), in the eval stage:
+    python recipes/flexolmo_small/run.py --stage eval --out runs/flexolmo_small --extraction math
 
 Stages, each a call of `flexmoe.api` (or of the `flexmoe` CLI in parallel subprocesses, since data owners
 train independently and a small model leaves most of a GPU idle):
@@ -18,7 +20,10 @@ train independently and a small model leaves most of a GPU idle):
    `expert_epochs` of the owner's text;
 2. eval: merges, each owner's 2-expert model, opt-out (merged minus each expert); held-out BPB per domain and on
    windows that mix 4 domains in 256-token segments; BTM ensembles with a whole-window and a 128-token prefix;
-   routing statistics; results.json / results.md with the issue's targets checked.
+   routing statistics; results.json / results.md with the issue's targets checked;
+   with `--extraction OWNER`, also `audit-extraction` of that owner's training text (and, as a control, its
+   held-out text) by the anchor, its expert alone, the merged model, the merged model minus it, and the
+   no-coordination dense fine-tune (its FFN with the anchor; trained here if `dense` is not among the variants).
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ class Scale:
     grad_accum: int = 1
     mixed_segment: int = 256  # tokens per domain segment of the mixed-domain windows
     btm_prefix: int = 128  # tokens of the short-prefix BTM posterior
+    extract_prefixes: int = 1000  # --extraction: documents sampled, one prefix each
+    extract_prefix_len: int = 32  # the paper's prefix length
+    extract_gen_len: int = 64
 
 
 SCALES = {
@@ -72,7 +80,8 @@ SCALES = {
                    device="cuda"),
     # CPU smoke test on the bundled fixtures.
     "tiny": Scale(preset="tiny", domains=("code", "speeches"), anchor_steps=30, expert_epochs=1.0, batch_size=4,
-                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", mixed_segment=16, btm_prefix=16),
+                  seq_len=64, eval_bytes=3_000, parallel=1, device="cpu", mixed_segment=16, btm_prefix=16,
+                  extract_prefixes=16, extract_prefix_len=8, extract_gen_len=16),
 }
 
 # Expert-spec overrides of each variant on top of the train-expert defaults (docs/router.md says which is which).
@@ -334,12 +343,23 @@ def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
     for d in scale.domains:
         rows[f"opt-out: -{d}"] = ev(optout[d], active=shared + 2 * ffn, top_k=2, routing=False)
     timings["eval"] = time.perf_counter() - t0
+    extraction = None
+    if args.extraction:
+        t0 = time.perf_counter()
+        owner, s0 = args.extraction, seeds[0]
+        models = {"anchor (public model)": anchor, f"{owner} expert alone (2-expert)": alone[(s0, owner)],
+                  f"merged ({ref} top-2)": merged[(ref, s0)], f"merged minus {owner} (opt-out)": optout[owner],
+                  "no coordination: dense fine-tune's FFN + anchor (2-expert)":
+                      dense_alone(args, scale, run, owner, s0)}
+        extraction = extraction_rows(args, scale, models, data / owner, out / "extraction")
+        timings["extraction"] = time.perf_counter() - t0
     timings["total"] = sum(v for k, v in timings.items() if k != "total")
 
     import torch
     import transformers
 
     meta = {**meta, "scale": args.scale, "scale_settings": asdict(scale), "seed": args.seed, "reference": ref,
+            **({"extraction": {"owner": args.extraction, **extraction}} if extraction else {}),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": platform.python_version()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "timings_s": timings}
@@ -347,6 +367,51 @@ def stage_eval(args, scale: Scale, run: Path, meta: dict) -> None:
     write_results(out, rows, meta, scale.domains)
     print((out / "results.md").read_text())
     log(f"total {timings['total']:.0f}s; results in {out}")
+
+
+def dense_alone(args, scale: Scale, run: Path, owner: str, seed: int) -> Path:
+    """The no-coordination baseline of `owner` (a dense fine-tune of the anchor, its FFN taken as the expert) merged
+    alone with the anchor, as the `dense` variant's experts are merged. Trained here (one library call) when the
+    train stage did not train the `dense` variant."""
+    from flexmoe.data import load_tokenizer
+
+    anchor, pkg = run / "anchor", run / "experts" / f"dense-s{seed}" / owner
+    if not _trained_on(pkg, anchor):
+        data, rows = prepare_inputs(args, scale, run)
+        steps = expert_steps(scale, load_tokenizer(anchor), data / owner / "train.jsonl")
+        log(f"  training the dense (no coordination) {owner} expert: {steps} steps")
+        over = expert_overrides(scale, anchor, data, owner, "dense", seed, rows[owner], steps)
+        train_experts({f"dense-s{seed}/{owner}": (f"experts/{owner}.yaml", over, pkg)}, 1, run / "logs")
+    return api.merge(MergeConfig(anchor, [pkg], top_k=2), run / "ckpt" / f"alone-dense-s{seed}-{owner}", overwrite=True, progress=False).out
+
+
+def _trained_on(pkg: Path, anchor: Path) -> bool:
+    """Whether `pkg` is an expert package of this anchor (not one left by an earlier run's anchor)."""
+    card = pkg / "expert.json"
+    return card.is_file() and json.loads(card.read_text())["anchor_fingerprint"] == json.loads(
+        (anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
+
+
+def extraction_rows(args, scale: Scale, models: dict[str, Path], owner_data: Path, out: Path) -> dict:
+    """`audit-extraction` of each model on the owner's training text and, as a control (text the owner's model never
+    saw, so what it reproduces there is predictability, not memorisation), on its held-out text."""
+    from flexmoe.config import ExtractionConfig
+
+    rows = {}
+    for i, (label, model) in enumerate(models.items()):
+        rows[label] = {}
+        for split in ("train", "eval"):
+            cfg = ExtractionConfig(model=model, data=[owner_data / f"{split}.jsonl"],
+                                   prefixes=scale.extract_prefixes, prefix_len=scale.extract_prefix_len,
+                                   gen_len=scale.extract_gen_len, seed=args.seed, device=scale.device)
+            out.mkdir(parents=True, exist_ok=True)
+            r = api.audit_extraction(cfg, out / f"{i}-{split}.json", overwrite=True, progress=False).to_json()
+            rows[label][split] = {k: r[k] for k in ("model", "n", "documents", "skipped_short", "exact_match",
+                                                    "lcp_half", "lcp_mean", "paper_similarity", "fast", "wall_s")}
+        log(f"  extraction {label}: exact {rows[label]['train']['exact_match']['rate']:.4f} on train, "
+            f"{rows[label]['eval']['exact_match']['rate']:.4f} on held-out")
+    return {"prefix_len": scale.extract_prefix_len, "gen_len": scale.extract_gen_len,
+            "prefixes": scale.extract_prefixes, "seed": args.seed, "rows": rows}
 
 
 def _release_gpu_memory() -> None:
@@ -373,6 +438,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="checkpoints folder (default: runs/<scale>-work)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=None, help="expert trainings at once (default: the scale's)")
+    ap.add_argument("--extraction", metavar="OWNER", default=None,
+                    help="eval stage: also audit how much of OWNER's training text each model reproduces (issue 19)")
     args = ap.parse_args()
     scale = SCALES[args.scale]
     if args.parallel:
@@ -381,6 +448,8 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         sys.exit(f"unknown variant {unknown[0] if unknown else '(none)'}: use {', '.join(VARIANTS)}")
+    if args.extraction is not None and args.extraction not in scale.domains:
+        sys.exit(f"--extraction {args.extraction}: not an owner of scale {args.scale} ({', '.join(scale.domains)})")
     run = args.work or Path(f"runs/flexolmo_{args.scale}-work")
     run.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "train"):

@@ -58,7 +58,8 @@ def test_mixed_windows_are_reproducible_segments_of_the_domains(train_inputs, tm
 def test_tiny_recipe_runs_end_to_end(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(RECIPE / "run.py"), "--scale", "tiny", "--out", str(out),
-                           "--work", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--work", str(work), "--extraction", "code"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     expected = {"anchor", "experts alone, own domain (s0)", "experts alone, own domain (s1)", "paper top-2 (s0)",
@@ -82,5 +83,15 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     assert all(e["epochs"] >= 1.0 for label, e in ex.items() if not label.startswith("paper"))
     md = (out / "results.md").read_text()
     assert md.startswith("# FlexOlmo small-scale reproduction") and "## Targets" in md and "## Routing" in md
+    # The extraction table (issue 19): five models, each on the owner's training and held-out text.
+    ext = results["extraction"]
+    assert ext["owner"] == "code" and list(ext["rows"]) == [
+        "anchor (public model)", "code expert alone (2-expert)", "merged (default top-2)",
+        "merged minus code (opt-out)", "no coordination: dense fine-tune's FFN + anchor (2-expert)"]
+    for r in ext["rows"].values():
+        assert r["train"]["n"] == r["train"]["documents"] == 11 and 0 <= r["train"]["exact_match"]["rate"] <= 1
+        assert r["eval"]["n"] >= 1 and r["train"]["lcp_half"]["low"] <= r["train"]["lcp_half"]["rate"]
+    assert (work / "experts" / "dense-s0" / "code" / "expert.json").is_file()  # trained for the table
+    assert "## Extraction of code's training text" in md and md.count("| merged minus code (opt-out) |") == 1
     assert sorted(p.name for p in (out / "plots").iterdir()) == [
         "bpb.png", "routing_code.png", "routing_mixed.png", "routing_public.png", "routing_speeches.png"]

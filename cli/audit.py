@@ -6,7 +6,6 @@ import click
 
 from flexmoe.cli import main
 from flexmoe.cli import options as o
-from flexmoe.config import DType
 
 
 @main.command(name="audit-extraction")
@@ -19,10 +18,9 @@ from flexmoe.config import DType
 @click.option("--seed", default=0, show_default=True, help="Seed of the documents and offsets sampled.")
 @click.option("--batch-size", default=64, show_default=True, help="Prefixes decoded at once.")
 @o.device
-@click.option("--dtype", type=click.Choice([d.value for d in DType]),
-              help="Weights and compute dtype [default: bfloat16 on CUDA, float32 on CPU].")
-@click.option("--no-bias", is_flag=True, help="Load a merged checkpoint as stock transformers does (no expert bias).")
-@click.option("--no-fast", is_flag=True, help="Stock transformers generate instead of flexmoe's fast path on CUDA.")
+@o.dtype
+@o.no_bias
+@o.no_fast
 @click.option("--json-out", type=o.PATH, metavar="FILE",
               help="Write the report here (rates, settings, document index and offset per sample; no text).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json-out file.")

@@ -6,7 +6,6 @@ import click
 
 from flexmoe.cli import main
 from flexmoe.cli import options as o
-from flexmoe.config import DType
 
 
 @main.command(name="generate")
@@ -15,10 +14,9 @@ from flexmoe.config import DType
               help="A prompt. Repeatable (one batch).")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate per prompt at most.")
 @o.device
-@click.option("--dtype", type=click.Choice([d.value for d in DType]),
-              help="Weights and compute dtype [default: bfloat16 on CUDA, float32 on CPU].")
-@click.option("--no-fast", is_flag=True, help="Stock transformers generate instead of flexmoe's fast path.")
-@click.option("--no-bias", is_flag=True, help="Load a merged checkpoint as stock transformers does (no expert bias).")
+@o.dtype
+@o.no_fast
+@o.no_bias
 @o.as_json
 def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias, as_json):
     """Greedy continuation of each --prompt by MODEL (a merged checkpoint, a 2-expert model or an anchor).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from flexmoe.config import Device
+from flexmoe.config import Device, DType
 
 PATH = click.Path(path_type=Path)  # existence is checked by the library, which names what is wrong
 
@@ -16,6 +16,12 @@ device = click.option("--device", type=click.Choice([d.value for d in Device]), 
                       show_default=True, callback=lambda _c, _p, v: Device(v),
                       help="auto: CUDA if available. Pick GPUs with CUDA_VISIBLE_DEVICES; under accelerate launch / "
                            "torchrun each process takes its own.")
+dtype = click.option("--dtype", type=click.Choice([d.value for d in DType]),
+                     help="Weights and compute dtype [default: bfloat16 on CUDA, float32 on CPU].")
+no_bias = click.option("--no-bias", is_flag=True,
+                       help="Load a merged checkpoint as stock transformers does (no expert bias).")
+no_fast = click.option("--no-fast", is_flag=True,
+                       help="Stock transformers generate instead of flexmoe's fast path (CUDA graphs on GPU).")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")

@@ -209,7 +209,6 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-
 # ---- choices shared by every verb ----
 
 
@@ -488,8 +487,16 @@ class ExpertSpec(Config):
 SHARD_SIZE = "5GB"  # largest output shard by default, as `save_pretrained` writes
 
 
+class _Sharded(Config):
+    """A config with a `shard_size` ("5GB", "500MB"), checked when it is made."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_size(self.shard_size)
+
+
 @dataclasses.dataclass
-class MergeConfig(Config):
+class MergeConfig(_Sharded):
     """`flexmoe merge`: an anchor and expert packages into one merged checkpoint.
 
     Args:
@@ -507,13 +514,9 @@ class MergeConfig(Config):
     shard_size: str = SHARD_SIZE
     verify_fingerprint: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_size(self.shard_size)
-
 
 @dataclasses.dataclass
-class AddConfig(Config):
+class AddConfig(_Sharded):
     """`flexmoe add`: append the package `expert` to the merged checkpoint `merged` (top_k None: kept)."""
 
     merged: Path
@@ -522,23 +525,15 @@ class AddConfig(Config):
     shard_size: str = SHARD_SIZE
     verify_fingerprint: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_size(self.shard_size)
-
 
 @dataclasses.dataclass
-class RemoveConfig(Config):
+class RemoveConfig(_Sharded):
     """`flexmoe remove`: drop the expert named `expert` (the owner's opt-out); top_k None: min(k, E-1)."""
 
     merged: Path
     expert: str
     top_k: int | None = None
     shard_size: str = SHARD_SIZE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_size(self.shard_size)
 
 
 @dataclasses.dataclass

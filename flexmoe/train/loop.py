@@ -77,7 +77,9 @@ def make_accelerator(cfg: TrainConfig):
         # accelerate keeps one process-wide precision; a new run (tests, notebooks, recipes) may differ.
         AcceleratorState._reset_state()
     # Without CUDA only cpu=True makes accelerate see a multi-process CPU launch (torchrun, accelerate launch).
-    return Accelerator(mixed_precision=precision, cpu=cfg.device == Device.CPU or not torch.cuda.is_available())
+    cpu = cfg.device == Device.CPU or not torch.cuda.is_available()
+    with fsdp.accelerator_env(cpu):
+        return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def warmup_steps(cfg: TrainConfig) -> int:

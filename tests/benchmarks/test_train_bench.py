@@ -124,6 +124,8 @@ def test_hf_memory_prediction(bench):
     G = 2**30
     one_b = bench.predict_hf_peak(bench.FULL_SHAPE, "full", 8192)["total"] / G
     assert abs(one_b - 70.9) / 70.9 < 0.05
+    mlp_only = bench.predict_hf_peak(bench.FULL_SHAPE, "mlp-only", 8192)["total"] / G
+    assert 0.85 * 72.9 < mlp_only < 72.9  # a lower bound: the grouped_mm experts keep more
     h200 = 139.5 * G  # torch.cuda.mem_get_info()[1] of an H200: 143771 MiB
     tokens = bench.RUN_7B["batch"] * bench.RUN_7B["seq"]
     full = bench.predict_hf_peak(bench.SHAPE_7B, "full", tokens, grad_accum=2)

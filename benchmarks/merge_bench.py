@@ -233,6 +233,19 @@ def plan_7b(shape: dict, free: int | None, experts: int | None = None, layers: i
                      f"{choices[-1]} layers need {2 * merged_bytes({**shape, 'num_layers': choices[-1]}, 2) / 1e9:.1f} GB)")
 
 
+def _filesystem(path: Path) -> str:
+    """'fstype at mountpoint' of the mount holding `path` (a tmpfs would measure RAM, not a disk)."""
+    best = ("?", "")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype, *_ = line.split()
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) >= len(best[1]):
+                best = (fstype, mount)
+    except OSError:
+        pass
+    return f"{best[0]} at {best[1] or '?'}"
+
+
 def bench_7b(work: Path, shape: dict, plan: dict, repeats: int = 1, budget_s: float = 1e9) -> dict:
     """The 7b plan (module docstring): merge -> remove -> add around the E-expert merged checkpoint, deleting what
     the next steps do not read so the disk peak stays at twice that checkpoint."""
@@ -343,7 +356,8 @@ def table(result: dict) -> str:
         free = "-" if plan["free_disk"] is None else f"{plan['free_disk'] / gb:.1f}"
         lines.append(f"7b shape (hidden {shape['hidden_size']}, FFN {shape['intermediate_size']}, {shape['num_layers']} "
                      f"layers): largest merged checkpoint {plan['experts']} experts = {plan['merged_bytes'] / gb:.1f} GB; "
-                     f"disk peak {plan['peak_disk'] / gb:.1f} GB of {free} GB free ({plan['reason']}); "
+                     f"disk peak {plan['peak_disk'] / gb:.1f} GB of {free} GB free on {plan.get('filesystem', '?')} "
+                     f"({plan['reason']}); "
                      f"inputs written at {result['build_gb_s']:.2f} GB/s")
     lines += [f"anchor {result['anchor_bytes'] / gb:.2f} GB, package {result['package_bytes'] / gb:.2f} GB, largest tensor "
               f"{result['largest_tensor_bytes'] / gb:.3f} GB; RSS goal {result['rss_goal'] / gb:.2f} GB; "
@@ -386,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if a.shape == "7b":
             shape = TOY if a.toy else SEVEN_B
             free = None if a.toy else shutil.disk_usage(work).free
-            plan = plan_7b(shape, free, a.experts, a.layers)
+            plan = {**plan_7b(shape, free, a.experts, a.layers), "filesystem": _filesystem(work)}
             print(f"7b plan: {json.dumps(plan)}", flush=True)
             result = bench_7b(work, shape, plan, repeats=a.repeats or 1, budget_s=a.budget_s)
         else:

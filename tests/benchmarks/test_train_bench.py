@@ -104,6 +104,8 @@ def test_make_bench_entry_point_builds_each_command(tmp_path):
     assert run.command("train", True, True, tmp_path)[1:] == [str(ROOT / "benchmarks" / "train_bench.py"), "--quick", "--tiny"]
     assert run.command("merge", False, True, tmp_path)[-1] == "--toy"
     assert all(Path(run.command(n, False, False, tmp_path)[1]).is_file() for n in run.BENCHES)
+    assert all(run.command(n, False, False, tmp_path, "7b")[2:4] == ["--shape", "7b"] for n in ("train", "infer"))
+    assert run.command("merge", False, False, tmp_path, "7b")[-2:] == ["--shape", "7b"]
     with pytest.raises(SystemExit):
         run.main(["--only", "nonsense"])
 

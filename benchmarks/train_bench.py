@@ -667,7 +667,9 @@ def main(argv: list[str] | None = None) -> dict:
         device["accelerate"] = accelerate.__version__
     except ImportError:
         pass
-    limit = args.mem_gib * 2**30 if args.mem_gib else (torch.cuda.mem_get_info()[1] if cuda else None)
+    # total_memory needs no CUDA context here (one would hold ~0.5 GB of the GPU while the rows run)
+    limit = (args.mem_gib * 2**30 if args.mem_gib
+             else torch.cuda.get_device_properties(0).total_memory if cuda else None)
     work = Path(tempfile.mkdtemp(prefix="flexmoe-train-bench-", dir=args.workdir))
     anchor = work / "anchor"
     if any(ROWS[n]["kind"] != "hf" for n in names):

@@ -50,7 +50,8 @@ these machines is ~790 TFLOP/s, so 40% MFU is ~50% of what a large GEMM reaches)
 
 --shape 7b (issue 18): hidden 4096, 32 layers, FFN 11008, vocab 100352, 32 heads (OLMo-2 7B, the FlexOlmo release's
 anchor; benchmarks/shapes.py). B 1 x S 4096 with grad_accum 2, so a step is 8192 tokens as at the 1B shape (two
-sequences of 4096 do not fit beside the 2x7B expert's 79 GiB of weights, gradients and AdamW state eagerly). The
+sequences of 4096 would need ~146 GB eagerly: the 2x7B expert's 84.7 GB of weights, gradients and AdamW state plus
+62 GB of activations). The
 flexmoe rows build the model as `flexmoe train-expert` does: on the meta device, then allocated on the GPU and filled
 there from the anchor file one tensor at a time (`expert_skeleton` + `fill_expert_`), frozen matmul weights in bf16.
 The hf rows run `_run_hf_row`, the vendored baseline's recipe (fp32 parameters, bf16 autocast, fused AdamW, stock

@@ -718,10 +718,15 @@ def main(argv: list[str] | None = None) -> dict:
                 res, tail = run_row(name, batch, seq, args, run, anchor, env, timeout, shape=shape,
                                     shape_name=args.shape, layers=layers)
                 if res.get("error") == "oom" and candidates:  # the largest baseline that fits: 2 layers fewer
+                    print(f"[{time.perf_counter() - t_start:6.1f}s] {label}: oom, predicted "
+                          f"{base['predicted_gib']} GiB", flush=True)
                     layers = candidates.pop(0)
                     label = f"{name.split('@')[0]}@{layers}L"
                     fl = flops_per_token({**shape, "num_layers": layers}, seq, mode_of(name))
-                    base.update(row=label, gflop_per_token=round(fl["total"] / 1e9, 3))
+                    predicted = predict_hf_peak({**shape, "num_layers": layers}, mode_of(name), batch * seq,
+                                                grad_accum=run["grad_accum"], ckpt=bool(spec.get("ckpt")))["total"]
+                    base.update(row=label, gflop_per_token=round(fl["total"] / 1e9, 3),
+                                predicted_gib=_sig(predicted / 2**30))
                     continue
                 if res.get("error") == "oom" and batch > 1 and not inline_hf(name, args.shape):
                     batch //= 2

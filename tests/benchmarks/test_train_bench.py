@@ -166,3 +166,21 @@ def test_hf_row_with_gradient_checkpointing(bench):
            "grad_accum": 2, "warmup": 1, "steps": 1}
     out = bench._run_hf_row(row)
     assert out["tok_s"] > 0 and out["trainable_b"] == out["params_b"] and out["layers"] == 2
+
+
+def test_fit_row_retries_with_fewer_layers_on_oom(bench, tmp_path, monkeypatch):
+    """An out-of-memory fit row is run again with the next layer count down, with that count's prediction."""
+    calls = []
+
+    def fake_run_row(name, batch, seq, args, run, anchor, env, timeout, *, shape, shape_name, layers):
+        calls.append(layers)
+        return ({"error": "oom"} if layers == 2 else {"tok_s": 100, "step_ms": 1.0, "layers": layers}), ""
+
+    monkeypatch.setattr(bench, "run_row", fake_run_row)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    report = bench.main(["--shape", "7b", "--tiny", "--mem-gib", "1", "--workdir", str(tmp_path),
+                         "--rows", "hf:full-eager@fit"])
+    (row,) = report["rows"]
+    assert calls == [2, 1] and row["row"] == "hf:full-eager@1L" and row["tok_s"] == 100
+    one = bench.predict_hf_peak({**bench.TINY_SHAPE, "num_layers": 1}, "full", 128, grad_accum=2)["total"]
+    assert row["predicted_gib"] == bench._sig(one / 2**30) and 0 < row["tok_s_scaled_32l"] < 100

@@ -3,6 +3,8 @@
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/infer_bench.py            # full set, ~4 min on one H100
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/infer_bench.py --quick    # E=4, k=2 only
     TINY=1 PYTHONPATH=. python benchmarks/infer_bench.py --quick                 # CPU smoke run
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/infer_bench.py --shape 7b # 7x7B and 8x7B top-4, ~3.5 min
+    TINY=1 PYTHONPATH=. python benchmarks/infer_bench.py --shape 7b --no-stock   # its code path on CPU
 
 Model: the 1B-class shared shape (16 layers, hidden 2048, FFN 8192, vocab 100352, 16 heads), bf16 random weights,
 E experts, top-k without renormalisation; the same shape and measurements as ../shared/bench/hf_baseline_infer.py.
@@ -24,6 +26,17 @@ Bytes per decode step (the bound; each tensor read once, bf16 = 2 bytes):
   plus lm_head V*H, final norm, B embedding rows.  bound tok/s = B / (bytes / bandwidth), bandwidth from the
   datasheet (H100 SXM 3.35 TB/s; the measured device-to-device copy rate is printed beside it).
 E=4, k=2, batch 1: 16*(33.6M + 201.3M) + 411M ~= 4.17 GB/step -> ~800 tok/s at 3.35 TB/s.
+
+--shape 7b (issue 18): the FlexOlmo release's shape (OLMo-2 7B: 32 layers, hidden 4096, FFN 11008, vocab 100352,
+32 heads; benchmarks/shapes.py), combos 7:7 (the released 7x7B: all 7 experts active, num_experts_per_tok 7) and
+8:4 (top-4 of 8). The merged model is built in GPU memory directly with random bf16 weights (no checkpoint on disk).
+Memory, checked before each build (`memory_plan`): 7x7B is 33.27B parameters = 66.5 GB, 8x7B 75.2 GB; the static
+KV cache of batch 32 at the decode's cache length (prompt 128 + 64 new, rounded to 192) is 32 x 192 x 32 layers x
+2 x 4096 x 2 B = 3.2 GB; prefill transients (B32 x 512 through 7 experts) ~9 GB: 78 GB (7x7B) and 84 GB (8x7B
+top-4) in all, well inside 141 GB, so the context stays as at 1b.
+Bound at 7b (H200 datasheet 4.8 TB/s): E7 k7 batch 1 reads 65.8 GB/step (attention 4.30 GB + 7 experts x 8.66 GB
++ LM head 0.82 GB + KV 0.08 GB) -> 72.9 tok/s; batch 32 68.4 GB (KV 2.68 GB) -> 2.25k tok/s. E8 k4 batch 1: 4
+experts, 39.8 GB -> 120.5 tok/s; batch 32: all 8 experts hit, 77.1 GB -> 1.99k tok/s.
 
 Writes $OUT/infer_bench.json (OUT defaults to runs/bench) and prints a table last.
 """
@@ -58,6 +71,25 @@ if TINY:
     PB, PS, DS, NEW = 2, 16, 8, 4
     STOCK_NEW = 4
     BATCHES = (1, 2)
+COMBOS = "4:2,8:2,4:4,8:4"
+BUDGET_S = 230.0
+
+
+def use_shape(name: str) -> None:
+    """Switch the module's shape to `name` of benchmarks/shapes.py ("1b" is the default above); TINY keeps the toy
+    sizes, with the shape's experts/top-k combinations."""
+    global SHAPE, COMBOS, BUDGET_S
+    if name == "1b":
+        return
+    from benchmarks import shapes
+
+    COMBOS, BUDGET_S = {"7b": ("7:7,8:4", 210.0)}[name]
+    if TINY:
+        return
+    shape = shapes.get(name)
+    SHAPE = {**SHAPE, **shapes.hf_config_kwargs(shape)}
+
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DATASHEET_BW = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 T0 = time.perf_counter()
@@ -132,6 +164,23 @@ def build(E: int, k: int):
     return m
 
 
+def memory_plan(E: int, k: int) -> dict:
+    """Bytes of the bf16 merged model with E experts, its static KV cache at the largest decode batch, and a rough
+    prefill transient (B x S tokens, each through k experts' gate/up output and product), against the device's
+    memory."""
+    H, I, V, L = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"], SHAPE["num_hidden_layers"]
+    kv_dim = H * SHAPE["num_key_value_heads"] // SHAPE["num_attention_heads"]
+    params = L * (2 * H * H + 2 * H * kv_dim + E * 3 * H * I + E * H + 4 * H) + 2 * V * H + H
+    cache_len = -(-(DS + NEW) // 64) * 64  # FastDecoder rounds the cache to 64 slots
+    kv = L * 2 * max(BATCHES) * cache_len * kv_dim * 2
+    prefill = PB * PS * (min(k, E) * 3 * I * 2 + 8 * H * 2)  # per token: k x (gate/up + product), hidden copies
+    total = 2 * params + kv + prefill
+    dev = torch.cuda.mem_get_info()[1] if DEV == "cuda" else None
+    return {"params_b": round(params / 1e9, 3), "weights_gb": round(2 * params / 1e9, 2),
+            "kv_gb": round(kv / 1e9, 2), "prefill_gb": round(prefill / 1e9, 2), "total_gb": round(total / 1e9, 2),
+            "device_gb": dev and round(dev / 1e9, 1), "fits": dev is None or total < 0.95 * dev}
+
+
 def active_experts(m, x: torch.Tensor, batch: int) -> float:
     """Mean number of distinct experts chosen per layer per decode step (router hooks, stock generate)."""
     counts = []
@@ -153,13 +202,18 @@ def active_experts(m, x: torch.Tensor, batch: int) -> float:
     return sum(counts) / max(1, len(counts))
 
 
-def step_bytes(E: int, k: int, batch: int, n_active: float) -> float:
+def step_bytes_parts(E: int, k: int, batch: int, n_active: float) -> dict[str, float]:
+    """Bytes one decode step must read, by part (the docstring's formula)."""
     H, I, V, L = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"], SHAPE["num_hidden_layers"]
     kv_dim = H * SHAPE["num_key_value_heads"] // SHAPE["num_attention_heads"]
     ctx = DS + NEW / 2
-    per_layer = (2 * H * H + 2 * H * kv_dim + E * H + 4 * H + n_active * 3 * H * I) * 2
-    kv = 2 * batch * kv_dim * ctx * 2
-    return L * (per_layer + kv) + (V * H + H + batch * H) * 2
+    return {"attention": L * (2 * H * H + 2 * H * kv_dim) * 2, "experts": L * n_active * 3 * H * I * 2,
+            "router_norms": L * (E * H + 4 * H) * 2, "kv_cache": L * 2 * batch * kv_dim * ctx * 2,
+            "lm_head_embed": (V * H + H + batch * H) * 2}
+
+
+def step_bytes(E: int, k: int, batch: int, n_active: float) -> float:
+    return sum(step_bytes_parts(E, k, batch, n_active).values())
 
 
 def timed(fn, reps: int) -> float:
@@ -439,19 +493,24 @@ def table(rows, bw) -> str:
     return "\n".join(lines + (["errors:"] + errs if errs else []))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     import transformers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="E=4, k=2 only")
-    ap.add_argument("--combos", default=None, help="E:k list, e.g. 4:2,8:2 (default: 4:2,8:2,4:4,8:4)")
-    ap.add_argument("--budget-s", type=float, default=230.0, help="stop starting new measurements after this")
+    ap.add_argument("--shape", default="1b", choices=("1b", "7b"), help="model shape (benchmarks/shapes.py)")
+    ap.add_argument("--quick", action="store_true", help="the first combination only (1b: E=4, k=2)")
+    ap.add_argument("--combos", default=None, help="E:k list, e.g. 4:2,8:2 (default: 4:2,8:2,4:4,8:4; 7b: 7:7,8:4)")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this "
+                                                                  "(default 230 s; 7b: 210 s)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     ap.add_argument("--no-stock", action="store_true", help="skip the stock rows")
-    args = ap.parse_args()
-    combos = [tuple(map(int, c.split(":"))) for c in (args.combos or "4:2,8:2,4:4,8:4").split(",")]
+    args = ap.parse_args(argv)
+    use_shape(args.shape)
+    combos = [tuple(map(int, c.split(":"))) for c in (args.combos or COMBOS).split(",")]
     if args.quick:
-        combos = [(4, 2)]
+        combos = combos[:1]
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S
     out_dir = Path(os.environ.get("OUT", "runs/bench"))
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = Errors(out_dir / "infer_bench_errors.log")
@@ -482,12 +541,24 @@ def main() -> int:
         if budget.over(reserve=20):
             rows.append({"impl": "all", "E": E, "k": k, "prefill": "skipped (budget)"})
             continue
+        plan = memory_plan(E, k)
+        info.setdefault("memory_plan", {})[f"E{E}k{k}"] = plan
+        log(f"E{E} k{k} memory plan: {plan}")
+        if not plan["fits"]:
+            rows.append({"impl": "build", "E": E, "k": k,
+                         "prefill": f"error: needs {plan['total_gb']} GB of {plan['device_gb']} GB"})
+            continue
         try:
             m = build(E, k)
         except Exception as e:
             rows.append({"impl": "build", "E": E, "k": k, "prefill": errors.add(f"build E{E}k{k}", e)})
             continue
         log(f"E{E} k{k}: {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B params")
+        for b in BATCHES:  # the bound of this shape, written out (the batch-32 rows use the measured active count)
+            parts = step_bytes_parts(E, k, b, min(E, k) if b == 1 else E * (1 - (1 - k / E) ** b))
+            log(f"E{E} k{k} b{b} bytes/step: " + ", ".join(f"{n} {v / 1e9:.2f} GB" for n, v in parts.items())
+                + f" = {sum(parts.values()) / 1e9:.2f} GB -> {b * bw / sum(parts.values()):.1f} tok/s at "
+                  f"{bw / 1e12:.2f} TB/s")
         n_act = {}
         for b in BATCHES:
             try:
@@ -542,7 +613,8 @@ def main() -> int:
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    result = {"info": info, "rows": rows, "shape": SHAPE, "prefill": [PB, PS], "decode": [DS, NEW],
+    result = {"info": info, "rows": rows, "shape_name": args.shape, "shape": SHAPE, "prefill": [PB, PS],
+              "decode": [DS, NEW],
               "wall_s": round(time.perf_counter() - T0, 1)}
     (out_dir / "infer_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print()

@@ -4,6 +4,7 @@
     PYTHONPATH=. python3 benchmarks/run.py --only train         # one of them (comma-separated: train,infer,merge)
     PYTHONPATH=. python3 benchmarks/run.py --quick              # train and infer --quick, merge as is
     PYTHONPATH=. python  benchmarks/run.py --tiny               # toy sizes on CPU (seconds)
+    PYTHONPATH=. python3 benchmarks/run.py --shape 7b           # the 7B shape (~4 + 3.5 + 4 min on one H200)
 
 Each benchmark writes its JSON under $OUT (default runs/bench): train_bench.json, infer_bench.json, merge_bench.json.
 Output streams as it comes; the closing lines of each benchmark (its table) are printed again at the end, so the
@@ -25,13 +26,16 @@ ROOT = HERE.parent
 BENCHES = ("train", "infer", "merge")
 
 
-def command(name: str, quick: bool, tiny: bool, out: Path) -> list[str]:
+def command(name: str, quick: bool, tiny: bool, out: Path, shape: str = "1b") -> list[str]:
     py = [sys.executable]
+    shaped = ["--shape", shape] if shape != "1b" else []
     if name == "train":
-        return py + [str(HERE / "train_bench.py")] + (["--quick"] if quick else []) + (["--tiny"] if tiny else [])
+        return (py + [str(HERE / "train_bench.py")] + shaped + (["--quick"] if quick else [])
+                + (["--tiny"] if tiny else []))
     if name == "infer":
-        return py + [str(HERE / "infer_bench.py")] + (["--quick"] if quick or tiny else [])
-    return py + [str(HERE / "merge_bench.py"), "--json-out", str(out / "merge_bench.json")] + (["--toy"] if tiny else [])
+        return py + [str(HERE / "infer_bench.py")] + shaped + (["--quick"] if quick or tiny else [])
+    return (py + [str(HERE / "merge_bench.py"), "--json-out", str(out / "merge_bench.json")] + shaped
+            + (["--toy"] if tiny else []))
 
 
 def run(name: str, cmd: list[str], env: dict, keep: int = 30) -> tuple[int, list[str], float]:
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of train,infer,merge")
     ap.add_argument("--quick", action="store_true", help="the --quick variants of train and infer")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on CPU")
+    ap.add_argument("--shape", default="1b", choices=("1b", "7b"), help="model shape of all three (benchmarks/shapes.py)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     bad = [n for n in names if n not in BENCHES]
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in names:
         print(f"\n======== {name} bench ========", flush=True)
-        results.append((name, *run(name, command(name, args.quick, args.tiny, out), env)))
+        results.append((name, *run(name, command(name, args.quick, args.tiny, out, args.shape), env)))
     print("\n======== summary ========")
     for name, rc, tail, wall in results:
         print(f"\n---- {name}: exit {rc}, {wall:.0f} s ----")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from flexmoe.config import Device
 from flexmoe.errors import ConfigError, OutputExistsError
+from flexmoe.train import fsdp
 
 if TYPE_CHECKING:
     from flexmoe.config import TrainConfig
@@ -43,7 +44,8 @@ def make_accelerator(cfg: TrainConfig):
     if "_mixed_precision" in state and state["_mixed_precision"] != precision:
         # accelerate keeps one process-wide precision; a new run (tests, notebooks, recipes) may differ.
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    with fsdp.accelerator_env(cpu):  # an HSDP launch's mesh on CPU processes is built by fsdp._mesh itself
+        return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def local_device(choice: Device) -> str:

@@ -16,7 +16,9 @@ way the CPU (gloo) test runs the same code as an 8-GPU job.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MethodType
 
@@ -61,12 +63,37 @@ def settings(accelerator) -> FSDPSettings | None:
     return FSDPSettings(reshard_after_forward=bool(plugin.reshard_after_forward))
 
 
+PARALLELISM_ENV = "ACCELERATE_USE_PARALLELISM_CONFIG"  # set by `accelerate launch` for a parallelism_config
+
+
+@contextmanager
+def accelerator_env(cpu: bool):
+    """Around the making of a CPU run's `Accelerator`: hide an HSDP launch's parallelism config, which accelerate
+    accepts only for GPU launches (it raises for MULTI_CPU); `_mesh` reads it itself, as `settings` reads FSDP's."""
+    hidden = os.environ.pop(PARALLELISM_ENV, None) if cpu else None
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            os.environ[PARALLELISM_ENV] = hidden
+
+
 def _mesh(accelerator, device: torch.device):
-    """accelerate's mesh when its parallelism config asks for HSDP (replicate x shard), else all processes in one."""
+    """accelerate's mesh when its parallelism config asks for HSDP (replicate x shard), else all processes in one.
+    On CPU processes, where accelerate leaves the config out (`accelerator_env`), the same mesh is built here from
+    the launch's PARALLELISM_CONFIG_* variables with accelerate's own `ParallelismConfig`."""
     from torch.distributed.device_mesh import init_device_mesh
 
     config = getattr(accelerator, "parallelism_config", None)
     mesh = getattr(accelerator, "torch_device_mesh", None)
+    if config is None and device.type == "cpu" and os.environ.get(PARALLELISM_ENV, "").lower() == "true":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        config = ParallelismConfig()  # sizes from the environment, as accelerate reads them on GPUs
+        if config.total_size != accelerator.num_processes:
+            raise ConfigError(f"the parallelism config spans {config.total_size} processes, the launch has "
+                              f"{accelerator.num_processes}: make dp_replicate_size x dp_shard_size match")
+        mesh = config.get_device_mesh(device.type)
     if config is not None and mesh is not None:
         return mesh[tuple(config.fsdp_dim_names)]
     return init_device_mesh(device.type, (accelerator.num_processes,))

@@ -105,5 +105,83 @@ def test_make_bench_entry_point_builds_each_command(tmp_path):
     assert run.command("train", True, True, tmp_path)[1:] == [str(ROOT / "benchmarks" / "train_bench.py"), "--quick", "--tiny"]
     assert run.command("merge", False, True, tmp_path)[-1] == "--toy"
     assert all(Path(run.command(n, False, False, tmp_path)[1]).is_file() for n in run.BENCHES)
+    assert all(run.command(n, False, False, tmp_path, "7b")[2:4] == ["--shape", "7b"] for n in ("train", "infer"))
+    assert run.command("merge", False, False, tmp_path, "7b")[-2:] == ["--shape", "7b"]
     with pytest.raises(SystemExit):
         run.main(["--only", "nonsense"])
+
+
+def test_7b_shape_counts(bench):
+    """The 7B figures benchmarks/NOTES.md uses (GFLOP a token at S 4096)."""
+    got = {m: round(bench.flops_per_token(bench.SHAPE_7B, 4096, m)["total"] / 1e9, 2)
+           for m in ("expert", "full", "dense", "mlp-only")}
+    assert got == {"expert": 56.09, "full": 70.52, "dense": 44.54, "mlp-only": 64.84}
+    assert bench.SHAPE_7B == dict(vocab_size=100352, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                                  num_heads=32)
+
+
+def test_hf_memory_prediction(bench):
+    """The baseline's predicted peak reproduces the H100 measurement of the 1b hf:full-eager row (70.9 GiB at
+    B2 x 4096), and at 7b says: the 2x7B full fine-tune and the naive freeze cannot fit one H200, 14 layers of the
+    2-expert model can, and the dense 7B fits with gradient checkpointing."""
+    G = 2**30
+    one_b = bench.predict_hf_peak(bench.FULL_SHAPE, "full", 8192)["total"] / G
+    assert abs(one_b - 70.9) / 70.9 < 0.05
+    mlp_only = bench.predict_hf_peak(bench.FULL_SHAPE, "mlp-only", 8192)["total"] / G
+    assert 0.85 * 72.9 < mlp_only < 72.9  # a lower bound: the grouped_mm experts keep more
+    h200 = 139.5 * G  # torch.cuda.mem_get_info()[1] of an H200: 143771 MiB
+    tokens = bench.RUN_7B["batch"] * bench.RUN_7B["seq"]
+    full = bench.predict_hf_peak(bench.SHAPE_7B, "full", tokens, grad_accum=2)
+    assert full["params"] + full["adam"] + full["grads_kept"] == pytest.approx(16 * 11.627e9, rel=1e-3)  # 186 GB
+    assert full["total"] > h200
+    assert bench.predict_hf_peak(bench.SHAPE_7B, "mlp-only", tokens, grad_accum=2)["total"] > h200
+    assert bench.fit_layers(bench.SHAPE_7B, "full", tokens, 2, h200)[:2] == [14, 12]
+    assert bench.predict_hf_peak(bench.SHAPE_7B, "dense", tokens, grad_accum=2, ckpt=True)["total"] < 0.93 * h200
+
+
+def test_7b_code_path_on_cpu(bench, tmp_path, monkeypatch):
+    """--shape 7b at the toy size: the flexmoe row with grad_accum 2, the full fine-tune reported as a predicted OOM
+    without being run, and the largest baseline that fits (1 of 2 layers here) run and scaled to the full depth."""
+    G = 2**30
+    tokens = bench.TINY_RUN_7B["batch"] * bench.TINY_RUN_7B["seq"]
+    one = bench.predict_hf_peak({**bench.TINY_SHAPE, "num_layers": 1}, "full", tokens, grad_accum=2)["total"]
+    two = bench.predict_hf_peak(bench.TINY_SHAPE, "full", tokens, grad_accum=2)["total"]
+    limit = (one / bench.FIT_FRACTION + two) / 2  # 1 layer fits, 2 do not
+    assert one / bench.FIT_FRACTION < limit < two
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    report = bench.main(["--shape", "7b", "--tiny", "--mem-gib", str(limit / G), "--workdir", str(tmp_path),
+                         "--rows", "expert,hf:full-eager,hf:full-eager@fit", "--no-profile"])
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["expert", "hf:full-eager", "hf:full-eager@1L"]
+    assert rows["expert"]["grad_accum"] == 2 and rows["expert"]["tok_s"] > 0
+    assert rows["hf:full-eager"]["error"].startswith("oom (predicted") and "tok_s" not in rows["hf:full-eager"]
+    fit = rows["hf:full-eager@1L"]
+    assert fit["layers"] == 1 and 0 < fit["tok_s_scaled_32l"] < fit["tok_s"]
+    assert report["goals"]["baseline"] == "hf:full-eager@1L" and report["goals"]["hf_full_finetune"].startswith("oom")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_hf_row_with_gradient_checkpointing(bench):
+    """`_run_hf_row` (the baseline recipe built on the device) trains the dense model with checkpointing."""
+    row = {"kind": "hf", "hf": "dense", "ckpt": True, "shape": bench.TINY_SHAPE, "layers": 2, "batch": 2, "seq": 32,
+           "grad_accum": 2, "warmup": 1, "steps": 1}
+    out = bench._run_hf_row(row)
+    assert out["tok_s"] > 0 and out["trainable_b"] == out["params_b"] and out["layers"] == 2
+
+
+def test_fit_row_retries_with_fewer_layers_on_oom(bench, tmp_path, monkeypatch):
+    """An out-of-memory fit row is run again with the next layer count down, with that count's prediction."""
+    calls = []
+
+    def fake_run_row(name, batch, seq, args, run, anchor, env, timeout, *, shape, shape_name, layers):
+        calls.append(layers)
+        return ({"error": "oom"} if layers == 2 else {"tok_s": 100, "step_ms": 1.0, "layers": layers}), ""
+
+    monkeypatch.setattr(bench, "run_row", fake_run_row)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    report = bench.main(["--shape", "7b", "--tiny", "--mem-gib", "1", "--workdir", str(tmp_path),
+                         "--rows", "hf:full-eager@fit"])
+    (row,) = report["rows"]
+    assert calls == [2, 1] and row["row"] == "hf:full-eager@1L" and row["tok_s"] == 100
+    one = bench.predict_hf_peak({**bench.TINY_SHAPE, "num_layers": 1}, "full", 128, grad_accum=2)["total"]
+    assert row["predicted_gib"] == bench._sig(one / 2**30) and 0 < row["tok_s_scaled_32l"] < 100

@@ -41,7 +41,7 @@ WORK=${WORK:-/tmp/flexmoe-multi-gpu-$SHAPE}
 mkdir -p "$WORK"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" benchmarks/multi_gpu.py setup "$WORK" "$SHAPE" || exit 1
-ARGS=(--anchor "$WORK/anchor" --data "$WORK/data.jsonl" --name bench --router-source random --seq-len "$SEQ"
+ARGS=(--anchor "$WORK/anchor" --data "$WORK/data.jsonl" --name bench --set router.source=random --set "train.seq_len=$SEQ"
       --batch-size "$BATCH" --device "$DEVICE" --set train.warmup_steps=5 --set train.compile=false --overwrite
       --public-data "$WORK/data.jsonl")  # the default router training: a quarter of each batch public
 [ "$BF16" = 1 ] && ARGS+=(--bf16)
@@ -64,7 +64,7 @@ echo "== shape $SHAPE, $STEPS steps, $BATCH x $SEQ tokens per GPU and micro-step
 if wants one; then
     echo "== 1 GPU"
     CUDA_VISIBLE_DEVICES=0 "$PY" benchmarks/multi_gpu.py run "$STEPS" "$WORK/one.json" "${ARGS[@]}" \
-        --grad-accum "$(accum 1)" --out "$WORK/one" || failed one $?
+        --set "train.grad_accum=$(accum 1)" --out "$WORK/one" || failed one $?
 fi
 for N in $NPROCS; do
     A=$(accum "$N") || exit 1
@@ -73,7 +73,7 @@ for N in $NPROCS; do
         PORT=$((PORT + 1))
         "$PY" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2.yaml --num_processes "$N" \
             --main_process_port "$PORT" benchmarks/multi_gpu.py run "$STEPS" "$WORK/fsdp2-$N.json" "${ARGS[@]}" \
-            --grad-accum "$A" --out "$WORK/fsdp2-$N" || failed "fsdp2-$N" $?
+            --set "train.grad_accum=$A" --out "$WORK/fsdp2-$N" || failed "fsdp2-$N" $?
     fi
     if wants fsdp2keep; then
         echo "== $N GPUs, FSDP2, reshard_after_forward false"
@@ -81,13 +81,13 @@ for N in $NPROCS; do
         "$PY" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp2.yaml --num_processes "$N" \
             --fsdp_reshard_after_forward false --main_process_port "$PORT" \
             benchmarks/multi_gpu.py run "$STEPS" "$WORK/fsdp2keep-$N.json" "${ARGS[@]}" \
-            --grad-accum "$A" --out "$WORK/fsdp2keep-$N" || failed "fsdp2keep-$N" $?
+            --set "train.grad_accum=$A" --out "$WORK/fsdp2keep-$N" || failed "fsdp2keep-$N" $?
     fi
     if wants ddp; then
         echo "== $N GPUs, DDP (torchrun)"
         "$PY" -m torch.distributed.run --standalone --nproc_per_node "$N" \
             benchmarks/multi_gpu.py run "$STEPS" "$WORK/ddp-$N.json" "${ARGS[@]}" \
-            --grad-accum "$A" --out "$WORK/ddp-$N" || failed "ddp-$N" $?
+            --set "train.grad_accum=$A" --out "$WORK/ddp-$N" || failed "ddp-$N" $?
     fi
     if wants hsdp && (( N % 2 == 0 && N >= 4 )); then
         echo "== $N GPUs, HSDP: 2 machines x $((N / 2)) GPUs (recipes/accelerate/hsdp_multinode.yaml)"
@@ -96,7 +96,7 @@ for N in $NPROCS; do
         HSDP=(--config_file recipes/accelerate/hsdp_multinode.yaml --num_machines 2 --num_processes "$N"
               --main_process_ip 127.0.0.1 --main_process_port "$PORT"
               --parallelism_config_dp_replicate_size 2 --parallelism_config_dp_shard_size "$HALF")
-        RUN=(benchmarks/multi_gpu.py run "$STEPS" "$WORK/hsdp-$N.json" "${ARGS[@]}" --grad-accum "$A"
+        RUN=(benchmarks/multi_gpu.py run "$STEPS" "$WORK/hsdp-$N.json" "${ARGS[@]}" --set "train.grad_accum=$A"
              --out "$WORK/hsdp-$N")
         CUDA_VISIBLE_DEVICES=$(gpus 0 "$HALF") "$PY" -m accelerate.commands.launch "${HSDP[@]}" --machine_rank 0 \
             "${RUN[@]}" &

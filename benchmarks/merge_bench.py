@@ -11,6 +11,7 @@ closing `sync`; `x cp+sync` is the like-for-like ratio. Goals (issue 5): time <=
 
     python benchmarks/merge_bench.py                       # full size (needs ~35 GB free disk, ~2 min build)
     python benchmarks/merge_bench.py --toy                 # seconds; what the CPU test runs
+    python benchmarks/merge_bench.py --layers 4            # the 1B-class tensors, 4 layers (~1 min on 2 cores)
     python benchmarks/merge_bench.py --workdir /big/disk --json-out bench.json --keep
 """
 
@@ -189,6 +190,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="tiny shapes (seconds), for tests")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the full shape's tensors with this many layers instead of 16 (a smaller, faster run)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp folder in the cwd)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic files")
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="merge_bench.", dir=base))
     try:
-        result = bench(work, TOY if a.toy else FULL, repeats=1 if a.toy else a.repeats)
+        shape = TOY if a.toy else FULL if a.layers is None else {**FULL, "num_layers": a.layers}
+        result = bench(work, shape, repeats=1 if a.toy else a.repeats)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -678,13 +678,10 @@ def tune_router(cfg: RouterTuneConfig, out: str | _Path, overwrite: bool = False
                 on_step: _Callable[[int], None] | None = None, progress: bool = True) -> TuneResult:
     """Router tuning (FLEXOLMO.md §4): train only the owners' router rows and biases of `cfg.merged` on public proxy
     data; write the tuned merged checkpoint at `out` (flexmoe/tune.py says why r_pub stays frozen)."""
-    import torch
-
     from flexmoe import __version__
     from flexmoe import tune as T
     from flexmoe.data import load_documents, pack
     from flexmoe.io.atomic import check_output
-    from flexmoe.model.load import load_model
     from flexmoe.train.loop import train
 
     merged = _Path(cfg.merged)
@@ -700,7 +697,7 @@ def tune_router(cfg: RouterTuneConfig, out: str | _Path, overwrite: bool = False
                             warmup_steps=warmup)
     work = _prepare_work_dir(out, resume, overwrite, train_cfg.device)
     data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
-    model = load_model(merged, dtype=torch.float32)  # fp32 rows to train; written back in the router's dtype
+    model = T.load_checked(merged)  # fp32 rows to train; written back in the router's dtype
     T.make_tunable(model)
     run = _run_identity(train_cfg, anchor=fingerprint, experts=names, data=summary.to_json())
     result, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=run, on_step=on_step,

@@ -118,6 +118,7 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
         meta = {**m.meta, "experts": experts}
         new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
         with atomic_dir(out, overwrite, seal=MERGED_META) as tmp:
+            m.reader.hash_reads()  # the large shards, against the manifest, while they are copied
             with ShardWriter(tmp, [TensorSpec(s.name, s.dtype, s.shape) for s in specs],
                              max_shard_bytes=parse_size(shard_size)) as w:
                 for s in tqdm(specs, desc="write", unit="tensor", disable=not progress):
@@ -127,10 +128,27 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
                     else:  # row 0 (r_pub) keeps its bytes; the owners' rows are the tuned ones
                         w.write(s.name, torch.cat((m.reader.get(router_key(layer))[:1], rows[layer].to(dtype))))
                 shards = w.finalize()
-            write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases)
+            m.reader.check_reads()
+            write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases,
+                               side_listed=m.reader.listed)
     finally:
         m.close()
     return shards
+
+
+def load_checked(merged_dir: Path):
+    """`load_model` of the checkpoint to tune, in float32, its large shards hashed against the manifest while
+    transformers reads them: damage fails the run before any training, not at its end."""
+    from flexmoe.model.load import load_model
+
+    m = read_merged(merged_dir)
+    try:
+        m.reader.hash_reads(now=True)
+        model = load_model(merged_dir, dtype=torch.float32)
+        m.reader.check_reads()
+    finally:
+        m.close()
+    return model
 
 
 def check_tunable(merged_dir: Path) -> tuple[list[str], dict, str]:

@@ -16,6 +16,9 @@ from flexmoe.cli import main
 from flexmoe.config import MergeConfig
 from flexmoe.errors import CheckpointError
 from flexmoe.io import manifest
+from flexmoe.io.anchor import ANCHOR_REMAKE
+from flexmoe.io.merged import MERGED_REMAKE
+from flexmoe.io.package import PACKAGE_REMAKE
 from flexmoe.testing import drop_manifest
 
 PUBLIC = Path(__file__).resolve().parents[1] / "fixtures" / "public" / "train.jsonl"
@@ -31,6 +34,10 @@ def folders(ckpt, tmp_path_factory):
     news_only = api.merge(ckpt.anchor, [ckpt.pkg["news"]], root / "news-only", MergeConfig(progress=False)).out
     return {"anchor": Path(ckpt.anchor), "package": Path(ckpt.pkg["code"]), "merged": merged, "other": ckpt.pkg["law"],
             "news-only": news_only}
+
+
+_META = {"anchor": "flexmoe_anchor.json", "package": "expert.json", "merged": "flexmoe.json"}
+_REMAKE = {"anchor": ANCHOR_REMAKE, "package": PACKAGE_REMAKE, "merged": MERGED_REMAKE}
 
 
 def _files(folder: Path) -> list[str]:
@@ -148,6 +155,61 @@ def test_each_verb_succeeds_on_the_undamaged_folder(folders, tmp_path, kind, ver
              "{m}": str(folders["news-only"])}
     r = CliRunner().invoke(main, [subst.get(a, a) for a in VERBS[kind][verb]])
     assert r.exit_code == 0, r.output + repr(r.exception)
+
+
+# ---- large files: hashed while a verb reads or copies them ----
+
+# Files of at least manifest.SMALL_FILE_BYTES are only size-checked up front; the verbs that read or copy them hash
+# them on the way. Lowered to 4 KiB here, every tensor shard and tokenizer.json of the fixtures counts as large.
+LARGE = {"anchor": {"model.safetensors": ["merge"], "tokenizer.json": ["merge"]},
+         "package": {"expert.safetensors": ["merge", "add"]},
+         "merged": {"model.safetensors": ["remove", "add", "extract", "tune-router"],
+                    "tokenizer.json": ["remove", "add"]}}
+
+
+@pytest.mark.parametrize("kind,name,verb", [pytest.param(k, n, v, id=f"{k}-{n}-{v}")
+                                            for k, files in LARGE.items() for n, verbs in files.items() for v in verbs])
+def test_flipped_byte_in_a_large_file_fails_the_verb_that_reads_it(folders, tmp_path, monkeypatch, kind, name, verb):
+    monkeypatch.setattr(manifest, "SMALL_FILE_BYTES", 4096)
+    damaged = shutil.copytree(folders[kind], tmp_path / "damaged")
+    assert (damaged / name).stat().st_size >= manifest.SMALL_FILE_BYTES
+    (damaged / name).write_bytes(FAULTS["flip"]((damaged / name).read_bytes()))
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    subst = {"{d}": str(damaged), "{a}": str(folders["anchor"]), "{p}": str(folders["other"]),
+             "{m}": str(folders["news-only"])}
+    r = CliRunner().invoke(main, [subst.get(a, a) for a in VERBS[kind][verb]])
+    assert r.exit_code != 0 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    if verb == "tune-router":  # it fails after tokenizing and loading, behind their progress bars (stderr)
+        lines = lines[-1:]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert lines[0] == (f"Error: {damaged / name}: sha256 {manifest.hash_file(damaged / name).sha256[:12]}…, the "
+                        f"manifest says sha256 {json.loads((damaged / _META[kind]).read_text())['files'][name]['sha256'][:12]}…; "
+                        "re-copy it from its source, or re-run " + _REMAKE[kind]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]  # no output, no temp folder, no work dir
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before
+
+
+def test_large_files_are_hashed_only_when_read(folders, tmp_path, monkeypatch):
+    """A verb hashes the large shards it reads (while it reads them) and no other file."""
+    from flexmoe.io.merged import read_merged
+    from flexmoe.io.reader import LazyReader
+
+    monkeypatch.setattr(manifest, "SMALL_FILE_BYTES", 4096)
+    started = []
+    monkeypatch.setattr(manifest.ReadHasher, "__init__", lambda self, path, *a, _init=manifest.ReadHasher.__init__:
+                        (started.append(Path(path).name), _init(self, path, *a))[1])
+    m = read_merged(folders["merged"])
+    m.reader.hash_reads()
+    assert started == []  # nothing read yet
+    m.reader.get(m.reader.keys()[0])
+    m.reader.check_reads()
+    assert started == ["model.safetensors"]
+    m.close()
+    with LazyReader.from_dir(folders["merged"]) as r:  # no manifest given: nothing to hash against
+        r.hash_reads(now=True)
+        r.check_reads()
+    assert started == ["model.safetensors"]
 
 
 # ---- concurrent writers, a full disk, bad text data ----
@@ -274,3 +336,4 @@ def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op
     assert r.exit_code == 0, r.output
     assert not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
     assert api.verify(out).ok
+

@@ -337,3 +337,45 @@ def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op
     assert not [p for p in tmp_path.iterdir() if ".flexmoe-" in p.name]
     assert api.verify(out).ok
 
+
+# ---- kill -9 of train-expert, then --resume ----
+
+_TRAIN_UNTIL_KILLED = """
+import os, signal, sys
+from flexmoe import api
+from flexmoe.config import load_expert_spec
+argv, kill_at = sys.argv[2:], int(sys.argv[1])
+spec = load_expert_spec(None, {"name": "code", "anchor": argv[0], "data": [argv[1]], "router.source": "random",
+                               "router_training.public_data": [argv[2]], "train.max_steps": int(argv[4]),
+                               "train.checkpoint_every": int(argv[5]), "train.batch_size": 4, "train.seq_len": 32,
+                               "train.log_every": int(argv[6]), "train.device": "cpu"}, [])
+api.train_expert(spec, argv[3], progress=False,
+                 on_step=lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [5, 4], ids=["between-checkpoints", "after-a-checkpoint"])
+def test_kill_9_of_train_expert_then_resume_gives_the_same_package_bytes(train_inputs, tmp_path, digest, kill_at):
+    """Resumed from the checkpoint of step 4, in the middle of the last logging window (steps 4-6)."""
+    import subprocess
+    import sys
+
+    steps, every, log_every = 6, 2, 3
+    common = ["--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code", "--router-source",
+              "random", "--public-data", train_inputs.public, "--max-steps", steps, "--checkpoint-every", every,
+              "--batch-size", 4, "--seq-len", 32, "--set", f"train.log_every={log_every}", "--device", "cpu"]
+    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(tmp_path / "whole")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(kill_at), str(train_inputs.anchor),
+                           str(train_inputs.code), str(train_inputs.public), str(out), str(steps), str(every),
+                           str(log_every)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not out.exists() and (tmp_path / "killed.work").is_dir()
+    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(out)])  # refused without --resume
+    assert r.exit_code != 0 and "--resume" in r.output, r.output
+    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    strip = lambda d: {k.split("/", 1)[1]: v for k, v in d.items()}  # noqa: E731
+    assert strip(digest(out)) == strip(digest(tmp_path / "whole"))
+    assert not (tmp_path / "killed.work").exists()

@@ -284,14 +284,18 @@ def test_bad_text_data_is_refused_before_training(train_inputs, tmp_path, case):
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    """A ~180 MB fp32 anchor, two packages and their merge: large enough to be killed mid-write."""
+    """A ~180 MB fp32 anchor (with a tokenizer, for tune-router), two packages and their merge: large enough to be
+    killed mid-write."""
     import torch
 
-    from flexmoe.testing import build_synthetic_anchor, build_synthetic_package
+    from flexmoe.io.anchor import ANCHOR_META
+    from flexmoe.testing import build_synthetic_anchor, build_synthetic_package, save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("big")
     anchor = build_synthetic_anchor(root / "anchor", vocab_size=16000, hidden_size=512, intermediate_size=2048,
                                     num_layers=4, num_heads=8, dtype=torch.float32, shard_size="100MB")
+    save_tiny_tokenizer(anchor)
+    manifest.seal(anchor, ANCHOR_META)
     pkgs = [build_synthetic_package(root / n, anchor, n, s) for n, s in (("a", 1), ("b", 2))]
     merged = api.merge(anchor, pkgs[:1], root / "merged", MergeConfig(progress=False, shard_size="32MB")).out
     return {"anchor": anchor, "a": pkgs[0], "b": pkgs[1], "merged": merged}
@@ -302,32 +306,44 @@ KILL_OPS = {"merge": ["merge", "--anchor", "{anchor}", "--expert", "{a}", "--exp
             "remove": ["remove", "{merged}", "--expert", "a"]}
 
 
-@pytest.mark.parametrize("shards_started", [1, 3], ids=["first-shard", "third-shard"])
-@pytest.mark.parametrize("op", sorted(KILL_OPS))
-@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite"])
-def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op, shards_started, existing):
+def _kill_9_when(argv: list[str], ready, timeout: float = 120) -> bool:
+    """Run `flexmoe argv` and SIGKILL it as soon as `ready()`; whether it was killed (not finished first)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    proc = subprocess.Popen([sys.executable, "-m", "flexmoe.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline, killed = time.time() + timeout, False
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return killed
+
+
+def _shards_started(parent: Path) -> int:
+    """Tensor shards with bytes in them in the temporary folder of `parent / "out"`."""
+    tmp = [p for p in parent.iterdir() if p.name.startswith(".out.flexmoe-tmp.")]
+    return sum(f.stat().st_size > 0 for f in tmp[0].glob("model*.safetensors")) if tmp else 0
+
+
+@pytest.mark.parametrize("shards_started", [1, 3], ids=["first-shard", "third-shard"])
+@pytest.mark.parametrize("op", sorted(KILL_OPS))
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite"])
+def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op, shards_started, existing):
     out = tmp_path / "out"
     if existing:  # an earlier result at --out that --overwrite would replace: it must survive the kill
         shutil.copytree(big["merged"], out)
     before = digest(*(big[k] for k in ("anchor", "a", "b", "merged")), *([out] if existing else []))
     argv = [a.format(**{k: str(v) for k, v in big.items()}) for a in KILL_OPS[op]]
     argv += ["--out", str(out), "-q", "--shard-size", "32MB", *(["--overwrite"] if existing else [])]
-    proc = subprocess.Popen([sys.executable, "-m", "flexmoe.cli", *argv])
-    deadline, killed = time.time() + 120, False
-    while time.time() < deadline and proc.poll() is None:
-        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.flexmoe-tmp.")]
-        if tmp and sum(f.stat().st_size > 0 for f in tmp[0].glob("model*.safetensors")) >= shards_started:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.002)
-    proc.wait()
+    killed = _kill_9_when(argv, lambda: _shards_started(tmp_path) >= shards_started)
     assert killed, f"{op} finished before it could be killed; make the synthetic input larger"
     assert digest(*(big[k] for k in ("anchor", "a", "b", "merged")), *([out] if existing else [])) == before
     assert out.exists() == existing  # no output, or exactly the old one
@@ -338,44 +354,85 @@ def test_kill_9_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, op
     assert api.verify(out).ok
 
 
+# ---- kill -9 at several points of tune-router ----
+
+TUNE_KILL_POINTS = {  # when to kill, and the --max-steps that leaves time for it
+    "training": (lambda parent: any((parent / "out.work").glob("step_*")), 4),  # after its first checkpoint
+    "third-shard": (lambda parent: _shards_started(parent) >= 3, 1),  # while writing the tuned checkpoint
+}
+
+
+@pytest.mark.parametrize("point", list(TUNE_KILL_POINTS))
+@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite"])
+def test_kill_9_of_tune_router_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, point, existing):
+    ready, steps = TUNE_KILL_POINTS[point]
+    out = tmp_path / "out"
+    if existing:
+        shutil.copytree(big["merged"], out)
+    before = digest(big["merged"], *([out] if existing else []))
+    argv = ["tune-router", str(big["merged"]), "--data", str(PUBLIC), "--out", str(out), "--max-steps", str(steps),
+            "--checkpoint-every", "1", "--seq-len", "16", "--batch-size", "2", "--shard-size", "32MB",
+            "--device", "cpu", *(["--overwrite"] if existing else [])]
+    assert _kill_9_when(argv, lambda: ready(tmp_path)), f"tune-router finished before the {point} point"
+    assert digest(big["merged"], *([out] if existing else [])) == before
+    assert out.exists() == existing  # no output, or exactly the old one
+    # The next run takes up the checkpoints the killed one left (a fresh one would need --overwrite) and succeeds.
+    r = CliRunner().invoke(main, [*argv, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder, no work dir
+    assert api.verify(out).ok and "router_tuning" in json.loads((out / "flexmoe.json").read_text())["experts"][1]
+
+
 # ---- kill -9 of train-expert, then --resume ----
 
+# `flexmoe train-expert ARGV`, SIGKILLed by itself right after optimizer step KILL_AT (and its checkpoint, if any).
 _TRAIN_UNTIL_KILLED = """
 import os, signal, sys
 from flexmoe import api
-from flexmoe.config import load_expert_spec
-argv, kill_at = sys.argv[2:], int(sys.argv[1])
-spec = load_expert_spec(None, {"name": "code", "anchor": argv[0], "data": [argv[1]], "router.source": "random",
-                               "router_training.public_data": [argv[2]], "train.max_steps": int(argv[4]),
-                               "train.checkpoint_every": int(argv[5]), "train.batch_size": 4, "train.seq_len": 32,
-                               "train.log_every": int(argv[6]), "train.device": "cpu"}, [])
-api.train_expert(spec, argv[3], progress=False,
-                 on_step=lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+from flexmoe.cli import main
+kill_at, real = int(sys.argv[1]), api.train_expert
+def killed(*args, **kwargs):
+    return real(*args, **kwargs, on_step=lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL))
+api.train_expert = killed
+main(sys.argv[2:])
 """
 
 
+STEPS, EVERY, LOG_EVERY = 6, 2, 3  # checkpoints at 2, 4, 6; the last logging window is steps 4-6
+
+
+def _train_expert_argv(ti) -> list[str]:
+    return ["train-expert", "--anchor", str(ti.anchor), "--data", str(ti.code), "--name", "code", "--router-source",
+            "random", "--public-data", str(ti.public), "--max-steps", str(STEPS), "--checkpoint-every", str(EVERY),
+            "--batch-size", "4", "--seq-len", "32", "--set", f"train.log_every={LOG_EVERY}", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def whole_expert(train_inputs, tmp_path_factory) -> Path:
+    """The package of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("whole") / "code"
+    r = CliRunner().invoke(main, [*_train_expert_argv(train_inputs), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
 @pytest.mark.parametrize("kill_at", [5, 4], ids=["between-checkpoints", "after-a-checkpoint"])
-def test_kill_9_of_train_expert_then_resume_gives_the_same_package_bytes(train_inputs, tmp_path, digest, kill_at):
-    """Resumed from the checkpoint of step 4, in the middle of the last logging window (steps 4-6)."""
+def test_kill_9_of_train_expert_then_resume_gives_the_same_package_bytes(train_inputs, whole_expert, tmp_path,
+                                                                         digest, kill_at):
+    """Resumed from the checkpoint of step 4, inside the last logging window: fp32 on CPU, the same bytes."""
     import subprocess
     import sys
 
-    steps, every, log_every = 6, 2, 3
-    common = ["--anchor", train_inputs.anchor, "--data", train_inputs.code, "--name", "code", "--router-source",
-              "random", "--public-data", train_inputs.public, "--max-steps", steps, "--checkpoint-every", every,
-              "--batch-size", 4, "--seq-len", 32, "--set", f"train.log_every={log_every}", "--device", "cpu"]
-    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(tmp_path / "whole")])
-    assert r.exit_code == 0, r.output
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(kill_at), str(train_inputs.anchor),
-                           str(train_inputs.code), str(train_inputs.public), str(out), str(steps), str(every),
-                           str(log_every)], capture_output=True, text=True)
+    argv = [*_train_expert_argv(train_inputs), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_UNTIL_KILLED, str(kill_at), *argv], capture_output=True,
+                          text=True)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert not out.exists() and (tmp_path / "killed.work").is_dir()
-    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(out)])  # refused without --resume
+    r = CliRunner().invoke(main, argv)  # refused without --resume: the checkpoints are not dropped silently
     assert r.exit_code != 0 and "--resume" in r.output, r.output
-    r = CliRunner().invoke(main, ["train-expert", *map(str, common), "--out", str(out), "--resume"])
+    r = CliRunner().invoke(main, [*argv, "--resume"])
     assert r.exit_code == 0, r.output
     strip = lambda d: {k.split("/", 1)[1]: v for k, v in d.items()}  # noqa: E731
-    assert strip(digest(out)) == strip(digest(tmp_path / "whole"))
+    assert strip(digest(out)) == strip(digest(whole_expert))
     assert not (tmp_path / "killed.work").exists()

@@ -397,8 +397,8 @@ TUNE_KILL_POINTS = {  # when to kill, and the --max-steps that leaves time for i
 }
 
 
-@pytest.mark.parametrize("point", list(TUNE_KILL_POINTS))
-@pytest.mark.parametrize("existing", [False, True], ids=["new-out", "overwrite"])
+@pytest.mark.parametrize("point,existing", [("training", False), ("third-shard", False), ("third-shard", True)],
+                         ids=["new-out-training", "new-out-third-shard", "overwrite-third-shard"])
 def test_kill_9_of_tune_router_leaves_no_output_or_the_old_one_intact(big, tmp_path, digest, point, existing):
     ready, steps = TUNE_KILL_POINTS[point]
     out = tmp_path / "out"

@@ -142,7 +142,7 @@ class ReadHasher:
         self.path, self.want, self.remake = Path(path), want, remake
         self._stop = False
         self._got: FileEntry | None = None
-        self._error: OSError | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"sha256 {self.path.name}", daemon=True)
         self._thread.start()
 
@@ -155,7 +155,7 @@ class ReadHasher:
                     size += n
                     if n < len(buf):
                         break
-        except OSError as e:
+        except BaseException as e:  # reported by check()
             self._error = e
             return
         self._got = FileEntry(size=size, sha256=h.hexdigest())
@@ -163,9 +163,13 @@ class ReadHasher:
     def check(self) -> None:
         """Wait for the hash; `IntegrityError` (naming the file, both hashes and the fix) if it is not the recorded one."""
         self._thread.join()
-        if self._error is not None:
+        if isinstance(self._error, OSError):
             raise IntegrityError(f"{self.path}: cannot read it ({self._error.strerror or self._error}); "
                                  f"re-copy it from its source, or re-run {self.remake}")
+        if self._error is not None:
+            raise self._error
+        if self._got is None:  # abandoned before it finished
+            raise IntegrityError(f"{self.path}: its hash was abandoned before it was checked")
         got, want = self._got, self.want
         if got.size != want.size:
             raise _damaged(self.path.parent, self.path.name, f"{want.size} bytes", f"{got.size} bytes", self.remake)

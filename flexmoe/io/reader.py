@@ -65,6 +65,7 @@ class LazyReader:
             self._loc.update(locs)
             self.metadata.update(meta)
         self._fh: dict[Path, object] = {}
+        self._read: set[Path] = set()  # every file read so far (only one is open at a time)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":
@@ -86,7 +87,7 @@ class LazyReader:
         if now:
             for f in self.files:
                 self._start_hash(f)
-        for f in self._fh:
+        for f in self._read:  # read before this call: still hashed (from the start, like all of them)
             self._start_hash(f)
 
     def _start_hash(self, path: Path) -> None:
@@ -121,6 +122,7 @@ class LazyReader:
                 f.close()
             self._fh.clear()
             self._fh[path] = open(path, "rb")
+            self._read.add(path)
             if self._hashing is not None:
                 self._start_hash(path)
         return self._fh[path]

@@ -11,6 +11,7 @@ closing `sync`; `x cp+sync` is the like-for-like ratio. Goals (issue 5): time <=
 
     python benchmarks/merge_bench.py                       # full size (needs ~35 GB free disk, ~2 min build)
     python benchmarks/merge_bench.py --toy                 # seconds; what the CPU test runs
+    python benchmarks/merge_bench.py --layers 4            # the 1B-class tensors, 4 layers (~1 min on 2 cores)
     python benchmarks/merge_bench.py --workdir /big/disk --json-out bench.json --keep
     python benchmarks/merge_bench.py --shape 7b            # 7B shape, as many experts as the disk holds (~4 min)
     python benchmarks/merge_bench.py --shape 7b --toy      # its plan at toy size (the CPU test)
@@ -386,7 +387,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--shape", default="1b", choices=("1b", "7b"), help="1b (default) or the 7b plan (docstring)")
     ap.add_argument("--experts", type=int, default=None, help="7b: experts of the largest merged checkpoint "
                                                                "(default: the most the free disk holds)")
-    ap.add_argument("--layers", type=int, default=None, help="7b: layers (default 32, fewer only if the disk is short)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="layers of the shape: 1b's tensors with fewer than 16 (a faster run); 7b: default 32, "
+                         "fewer only if the disk is short")
     ap.add_argument("--budget-s", type=float, default=280.0, help="7b: start no op predicted to end after this")
     ap.add_argument("--op", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -404,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(f"7b plan: {json.dumps(plan)}", flush=True)
             result = bench_7b(work, shape, plan, repeats=a.repeats or 1, budget_s=a.budget_s)
         else:
-            result = bench(work, TOY if a.toy else FULL, repeats=1 if a.toy else a.repeats or 2)
+            shape = TOY if a.toy else FULL if a.layers is None else {**FULL, "num_layers": a.layers}
+            result = bench(work, shape, repeats=1 if a.toy else a.repeats or 2)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -7,6 +7,12 @@ of these files. `.jsonl` and `.txt` are read with the standard library so traini
 
 Packing joins documents with EOS and cuts the stream into blocks of `seq_len` inputs; block i predicts the
 tokens shifted by one, so no position is padding and no token is wasted except the tail.
+
+Documents of any length are accepted (a 50 MB `.txt` file, or one 50 MB `.jsonl` line, is one document): the
+tokenizer is handed at most `PIECE_CHARS` characters at a time, cut just before a run of whitespace (where a
+byte-level BPE splits words anyway, so the tokens are those of the whole text; only a piece without any whitespace
+is cut mid-word), and at most `BATCH_CHARS` characters per call, so tokenizing takes bounded memory beyond the text
+itself, whatever the document sizes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from tqdm.auto import tqdm
 from flexmoe.errors import DataError
 
 TEXT_FIELD = "text"
+PIECE_CHARS = 2**18  # the longest text handed to the tokenizer at once (a longer document is cut into pieces)
+BATCH_CHARS = 2**22  # characters per tokenizer call, over documents and pieces (bounds its working memory)
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz", ".parquet")
 
 
@@ -155,32 +163,73 @@ def load_documents(paths: Sequence[str | Path]) -> Documents:
     return Documents(texts=texts, files=len(files))
 
 
+def _cut(text: str, start: int, size: int) -> int:
+    """Where the piece of `text` that begins at `start` ends: before the last whitespace run that starts in its
+    `size` characters (after its first), else after `size` characters."""
+    end = start + size
+    i = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+    if i < 0:
+        return end
+    while i > start + 1 and text[i - 1].isspace():
+        i -= 1
+    return i
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters (see `_cut`); together exactly `text`."""
+    start = 0
+    while len(text) - start > size:
+        end = _cut(text, start, size)
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
 def tokenize_stream(texts: Sequence[str], tokenizer, *, max_tokens: int | None = None, seed: int = 0,
                     batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Documents in a seeded order, tokenized and joined with EOS, as one int32 stream (n,).
 
-    Stops once `max_tokens` tokens are collected, so a short run does not tokenize a whole corpus; the
-    seeded document order keeps that prefix a fair sample.
+    Stops once `max_tokens` tokens are collected (checked after every `batch_size` documents), so a short run does
+    not tokenize a whole corpus; the seeded document order keeps that prefix a fair sample. Each tokenizer call
+    gets at most `batch_size` texts and `BATCH_CHARS` characters, a long document in pieces of `PIECE_CHARS`
+    (module docstring): the same tokens, in bounded memory.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; documents cannot be separated")
     backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no length warnings, batch-parallel
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    pieces: list[torch.Tensor] = []
-    total = 0
+    out: list[torch.Tensor] = []
     bar = tqdm(total=len(order), desc="tokenize", unit="doc", disable=not progress, leave=False)
+    batch: list[str] = []
+    last: list[bool] = []  # whether batch[j] ends its document (EOS follows)
+    chars = total = 0
+
+    def flush() -> None:
+        nonlocal chars, total
+        for enc, end in zip(backend.encode_batch(batch, add_special_tokens=False), last):
+            out.append(torch.tensor(enc.ids + [eos] if end else enc.ids, dtype=torch.int32))
+            total += out[-1].numel()
+        bar.update(sum(last))
+        batch.clear()
+        last.clear()
+        chars = 0
+
     for start in range(0, len(order), batch_size):
-        batch = [texts[i] for i in order[start:start + batch_size]]
-        for enc in backend.encode_batch(batch, add_special_tokens=False):
-            ids = enc.ids + [eos]
-            pieces.append(torch.tensor(ids, dtype=torch.int32))
-            total += len(ids)
-        bar.update(len(batch))
+        for i in order[start:start + batch_size]:
+            for piece in _pieces(texts[i], PIECE_CHARS):
+                if batch and (len(batch) >= batch_size or chars + len(piece) > BATCH_CHARS):
+                    flush()
+                batch.append(piece)
+                last.append(False)
+                chars += len(piece)
+            last[-1] = True
+        if batch:
+            flush()
         if max_tokens is not None and total >= max_tokens:
             break
     bar.close()
-    return torch.cat(pieces)
+    return torch.cat(out)
 
 
 class PackedData:

@@ -91,3 +91,28 @@ def test_too_little_data_and_no_eos(tokenizer):
 
     with pytest.raises(DataError, match="no EOS"):
         tokenize_stream(["x"], NoEos())
+
+
+def test_long_documents_are_tokenized_in_pieces_to_the_same_tokens(tokenizer, monkeypatch):
+    """Pieces cut before whitespace runs give the whole text's tokens (word-level and byte-level BPE alike); a
+    text without whitespace is cut at the piece length. Every document still ends in exactly one EOS."""
+    import random
+
+    from flexmoe import data as data_mod
+    from flexmoe.anchor.train import train_bpe as _train_bpe
+
+    rng = random.Random(0)
+    words = ["w5", "w17", "darkness", "x", "!", "a.b", "12"]
+    docs = ["".join(rng.choice(words) + rng.choice([" ", "  ", "\n", " \n\t ", ""]) for _ in range(400))
+            for _ in range(5)]
+    bpe = _train_bpe(docs, 300)
+    whole = [tokenize_stream(docs, t, progress=False) for t in (tokenizer, bpe)]
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 37)
+    monkeypatch.setattr(data_mod, "BATCH_CHARS", 100)
+    for d in docs + ["ab" * 300]:
+        pieces = list(data_mod._pieces(d, 37))
+        assert "".join(pieces) == d and max(map(len, pieces)) <= 37 and len(pieces) > len(d) // 37
+    for tok, expected in zip((tokenizer, bpe), whole):
+        assert torch.equal(tokenize_stream(docs, tok, progress=False), expected)
+    cut = tokenize_stream(docs + ["ab" * 300], bpe, progress=False)
+    assert int((cut == bpe.eos_token_id).sum()) == len(docs) + 1

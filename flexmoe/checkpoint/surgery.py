@@ -5,7 +5,9 @@ canonical order that depends only on the output names, then streamed through a `
 tensors are copied as raw bytes in the kernel; only the router (E, hidden) and the biases (E,) of one layer are
 ever built in memory. Because the order and the shard plan depend only on the output tensors, remove(merge(A,B,C),
 C) and merge(A,B) write byte-identical files, not just equal tensors. All validation happens before the
-temporary output folder is created, so bad input leaves nothing behind.
+temporary output folder is created, so bad input leaves nothing behind. The one check that cannot come first is
+the sha256 of the large input shards, hashed while they are read (`LazyReader.hash_reads`): a mismatch fails the
+verb before its output is renamed into place, so damaged input still leaves nothing behind.
 
 No torch.nn, no transformers, no training code: this module runs where only the I/O layer is installed.
 """
@@ -91,20 +93,26 @@ def _built(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], tor
     return _Item(TensorSpec(name, dtype, shape), lambda w: w.write(name, make()))
 
 
-def _stream(out_dir: Path, items: list[_Item], *, max_shard_bytes: int, prefix: str, progress: bool,
-            desc: str) -> list[str]:
-    """Write `items` in canonical order through one ShardWriter; returns the shard file names."""
+def _stream(out_dir: Path, items: list[_Item], *, sources: list[LazyReader], max_shard_bytes: int, prefix: str,
+            progress: bool, desc: str) -> list[str]:
+    """Write `items` in canonical order through one ShardWriter; returns the shard file names. The large shards
+    of `sources` (every reader the items read) are hashed while they are read and checked at the end."""
     items = sorted(items, key=lambda it: natural_order(it.spec.name))
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
+    for r in sources:
+        r.hash_reads()
     try:
         with ShardWriter(out_dir, [it.spec for it in items], max_shard_bytes=max_shard_bytes, prefix=prefix) as w:
             for it in items:
                 it.emit(w)
                 bar.update(it.spec.nbytes)
-            return w.finalize()
+            names = w.finalize()
     finally:
         bar.close()
+    for r in sources:
+        r.check_reads()
+    return names
 
 
 @contextmanager
@@ -204,7 +212,7 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
     num_layers, hidden = int(acfg["num_hidden_layers"]), int(acfg["hidden_size"])
     fingerprint = anchor.meta.fingerprint
     with ExitStack() as stack:
-        areader = stack.enter_context(LazyReader.from_dir(anchor_dir))
+        areader = stack.enter_context(LazyReader.from_dir(anchor_dir, listed=anchor.files))
         ffn = {(layer, p): areader.spec(dense_ffn_key(layer, p)) for layer in range(num_layers) for p in FFN_PROJS}
         dtype = ffn[(0, "gate_proj")].dtype
         if anchor.public_row.shape != (hidden,):
@@ -242,14 +250,17 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
                             [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": p.raw_card()} for p in pkgs])
         fcfg = flex_olmo_config(acfg, num_experts, top_k)
         with _output(out, overwrite) as tmp:
-            shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=progress, desc="merge")
-            write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases)
+            shards = _stream(tmp, items, sources=[areader, *(p.reader for p in pkgs)], max_shard_bytes=max_shard,
+                             prefix="model", progress=progress, desc="merge")
+            write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases,
+                               side_listed=anchor.files)
     return CheckpointResult(out=out, experts=[e["name"] for e in meta["experts"]], top_k=top_k, top_k_before=None,
                             shards=shards, total_bytes=sum(it.spec.nbytes for it in items),
                             anchor_fingerprint=fingerprint, seconds=time.perf_counter() - t0)
 
 
 def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: bool, progress: bool, items: list[_Item],
+          sources: list[LazyReader],
           experts: list[dict], biases: torch.Tensor, top_k: int, desc: str, notes: list[str],
           t0: float) -> CheckpointResult:
     """Shared tail of add/remove: write the planned tensors and the re-derived metadata files."""
@@ -257,9 +268,9 @@ def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: boo
     meta = merged_meta(m.meta["anchor_fingerprint"], top_k, requested, experts)
     fcfg = flex_olmo_config(m.config, len(experts), top_k)
     with _output(out, overwrite) as tmp:
-        shards = _stream(tmp, items, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
+        shards = _stream(tmp, items, sources=sources, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
                          progress=progress, desc=desc)
-        write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases)
+        write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases, side_listed=m.reader.listed)
         m.close()  # before the swap of an in-place edit
     return CheckpointResult(out=out, experts=[e["name"] for e in experts], top_k=top_k,
                             top_k_before=int(m.meta["top_k"]), shards=shards,
@@ -309,7 +320,8 @@ def add(cfg: AddConfig, out: str | Path, *, overwrite: bool = False, progress: b
         biases = torch.cat([m.biases, pkg.biases()[:, None]], dim=1)
         experts = m.meta["experts"] + [{"name": pkg.card.name, "card": pkg.raw_card()}]
         notes = [] if top_k == before else [f"top-k {before} -> {top_k}"]
-        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, experts=experts, biases=biases,
+        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, sources=[m.reader, pkg.reader],
+                     experts=experts, biases=biases,
                      top_k=top_k, desc="add", notes=notes, t0=t0)
 
 
@@ -345,7 +357,8 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
         experts = [e for i, e in enumerate(m.meta["experts"]) if i != j]
         notes = [f"top-k {before} -> {top_k} (min(k, E-1) with E-1 = {e_new})" if top_k != before
                  else f"top-k stays {top_k}"]
-        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, experts=experts,
+        return _edit(m, out, cfg, overwrite=overwrite, progress=progress, items=items, sources=[m.reader],
+                     experts=experts,
                      biases=m.biases[:, keep].contiguous(), top_k=top_k, desc="remove", notes=notes, t0=t0)
 
 
@@ -368,10 +381,13 @@ def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, pro
         items.sort(key=lambda it: order[it.spec.name])
         with _output(out, overwrite, seal=PACKAGE_CARD) as tmp:
             specs = [it.spec for it in items]
+            # Every shard extract reads from is hashed whole, the other experts' bytes too: no copied byte unchecked.
+            m.reader.hash_reads()
             with ShardWriter(tmp, specs, max_shard_bytes=NO_SHARD_LIMIT, prefix=PACKAGE_TENSORS.removesuffix(".safetensors")) as w:
                 for it in tqdm(items, desc="extract", disable=None if progress else True):
                     it.emit(w)
                 w.finalize()
+            m.reader.check_reads()
             entry = m.meta["experts"][j]
             tuned = {ROUTER_TUNING: entry[ROUTER_TUNING]} if entry.get(ROUTER_TUNING) else {}
             dump_json(tmp / PACKAGE_CARD, {**entry["card"], **tuned})  # the row and bias say which they are

@@ -75,6 +75,7 @@ class Anchor:
     meta: AnchorMeta
     public_row: torch.Tensor  # (hidden,) float32
     projection: torch.Tensor | None  # (hidden, embed_dim) float32, or None when embed_dim == hidden
+    files: manifest.Listed | None = None  # the anchor folder's manifest as read_anchor checked it (None: none)
 
     def to_model_space(self, embedding_row: torch.Tensor) -> torch.Tensor:
         """Map a raw embedder row (embed_dim,) to a router row (hidden,), the same way for every owner."""
@@ -113,9 +114,9 @@ def read_anchor(path: str | Path) -> Anchor:
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
     data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
+    listed = None
     if model_type == hf_config.DENSE:  # a merged folder carries the anchor's metadata file, not the anchor's files
-        manifest.check(path, data, ANCHOR_META, remake=ANCHOR_REMAKE,
-                       hashed=manifest.small_files(data))
+        listed = manifest.check(path, data, ANCHOR_META, remake=ANCHOR_REMAKE, hashed=manifest.small_files(data))
     try:
         meta = AnchorMeta.from_json(data)
     except (KeyError, TypeError, ValueError) as e:
@@ -123,4 +124,4 @@ def read_anchor(path: str | Path) -> Anchor:
     with LazyReader.from_file(path / ANCHOR_ROUTER) as r:
         public_row = r.get("public_row").float()
         projection = r.get("projection").float() if "projection" in r else None
-    return Anchor(path=path, meta=meta, public_row=public_row, projection=projection)
+    return Anchor(path=path, meta=meta, public_row=public_row, projection=projection, files=listed)

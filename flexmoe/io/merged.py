@@ -37,10 +37,16 @@ NO_SHARD_LIMIT = 2**62
 ROUTER_TUNING = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
 
 
-def copy_side_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...], listed: manifest.Listed | None = None) -> None:
+    """Copy the files `names` that `src` has; the large ones of its manifest `listed` are hashed as they are copied
+    (the small ones its reader hashed already)."""
     for n in names:
         if (src / n).is_file():
-            shutil.copyfile(src / n, dst / n)
+            want = listed.large(src / n) if listed is not None else None
+            if want is None:
+                shutil.copyfile(src / n, dst / n)
+            else:
+                manifest.copy_checked(src / n, dst / n, want, listed.remake)
 
 
 def write_biases(out_dir: Path, biases: torch.Tensor) -> None:
@@ -99,12 +105,15 @@ def model_card(config: dict, meta: dict, biases: torch.Tensor) -> str:
         "`flexmoe add DIR --expert PKG --out NEW`.", ""])
 
 
-def write_merged_files(tmp: Path, *, side_src: Path, config: dict, meta: dict, biases: torch.Tensor) -> None:
+def write_merged_files(tmp: Path, *, side_src: Path, config: dict, meta: dict, biases: torch.Tensor,
+                       side_listed: manifest.Listed | None = None) -> None:
+    """The non-tensor files of a merged folder; tokenizer and anchor files are copied from `side_src`, checked
+    against its manifest `side_listed`."""
     write_biases(tmp, biases)
     dump_json(tmp / "config.json", config, sort_keys=True)
     dump_json(tmp / MERGED_META, meta)
     (tmp / "README.md").write_text(model_card(config, meta, biases))
-    copy_side_files(side_src, tmp, COPIED_FILES + (ANCHOR_META, ANCHOR_ROUTER))
+    copy_side_files(side_src, tmp, COPIED_FILES + (ANCHOR_META, ANCHOR_ROUTER), side_listed)
 
 
 @dataclass
@@ -149,8 +158,7 @@ def read_merged(path: str | Path) -> Merged:
         raise CheckpointError(f"{path}: no such directory")
     config = hf_config.require(path, hf_config.MOE, "not a merged checkpoint")
     meta = read_json(path / MERGED_META, "flexmoe merged checkpoint")
-    manifest.check(path, meta, MERGED_META, remake=MERGED_REMAKE,
-                   hashed=manifest.small_files(meta))
+    listed = manifest.check(path, meta, MERGED_META, remake=MERGED_REMAKE, hashed=manifest.small_files(meta))
     try:
         if meta.get("format") != MERGED_FORMAT:
             raise CheckpointError(f"{path / MERGED_META}: unknown format {meta.get('format')!r} (expected {MERGED_FORMAT})")
@@ -166,7 +174,7 @@ def read_merged(path: str | Path) -> Merged:
     if int(config.get("num_experts", -1)) != len(names):
         raise CheckpointError(f"{path}: config.json has num_experts={config.get('num_experts')}, "
                               f"{MERGED_META} lists {len(names)} experts")
-    reader = LazyReader.from_dir(path)
+    reader = LazyReader.from_dir(path, listed=listed)
     try:
         for layer in range(num_layers):
             gate = reader.spec(router_key(layer))

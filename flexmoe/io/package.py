@@ -116,13 +116,12 @@ def read_package(path: str | Path) -> ExpertPackage:
     if not card_file.is_file():
         raise CheckpointError(f"{path}: not an expert package (no {PACKAGE_CARD})")
     data = read_json(card_file, "expert package", FORMAT, label="expert card")
-    manifest.check(path, data, PACKAGE_CARD, remake=PACKAGE_REMAKE,
-                   hashed=manifest.small_files(data))
+    listed = manifest.check(path, data, PACKAGE_CARD, remake=PACKAGE_REMAKE, hashed=manifest.small_files(data))
     try:
         card = ExpertCard.from_json(data)
     except (TypeError, AttributeError) as e:
         raise CheckpointError(f"{card_file}: corrupt expert card ({e})") from e
-    reader = LazyReader.from_file(path / PACKAGE_TENSORS)
+    reader = LazyReader.from_file(path / PACKAGE_TENSORS, listed=listed)
     num_layers = len([k for k in reader.keys() if k.endswith(".mlp.router.bias")])
     if num_layers == 0 or reader.keys() != sorted(package_keys(num_layers)):
         reader.close()

@@ -1,6 +1,8 @@
 """Lazy, read-only access to the tensors of a model directory, a single safetensors file or an index.
 
-Nothing is loaded until asked for; `copy_to` moves a tensor's raw bytes between files in the kernel.
+Nothing is loaded until asked for; `copy_to` moves a tensor's raw bytes between files in the kernel. A verb that
+copies or reads a folder's tensors checks them with `hash_reads` / `check_reads`: every large shard it reads is
+hashed against the folder's manifest while it does (flexmoe/io/manifest.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Iterator
 import torch
 
 from flexmoe.errors import CheckpointError
+from flexmoe.io import manifest
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorLocation, TensorSpec, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -42,10 +45,16 @@ def model_files(model_dir: Path) -> list[Path]:
 
 
 class LazyReader:
-    """Maps tensor names to locations in one or more safetensors files; reads one tensor at a time."""
+    """Maps tensor names to locations in one or more safetensors files; reads one tensor at a time.
 
-    def __init__(self, files: list[Path]):
+    `listed`: the manifest of the files' folder, as its reader checked it; `hash_reads` then hashes each large file
+    against it from the moment it is first read.
+    """
+
+    def __init__(self, files: list[Path], *, listed: manifest.Listed | None = None):
         self.files = [Path(f) for f in files]
+        self.listed = listed
+        self._hashing: dict[Path, manifest.ReadHasher] | None = None
         self._loc: dict[str, TensorLocation] = {}
         self.metadata: dict[str, str] = {}
         for f in self.files:
@@ -56,17 +65,40 @@ class LazyReader:
             self._loc.update(locs)
             self.metadata.update(meta)
         self._fh: dict[Path, object] = {}
+        self._read: set[Path] = set()  # every file read so far (only one is open at a time)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "LazyReader":
-        return cls(model_files(Path(model_dir)))
+    def from_dir(cls, model_dir: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":
+        return cls(model_files(Path(model_dir)), listed=listed)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "LazyReader":
+    def from_file(cls, path: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
-        return cls([path])
+        return cls([path], listed=listed)
+
+    def hash_reads(self, *, now: bool = False) -> None:
+        """From here on, hash every large listed file (`manifest.Listed.large`) in a thread of its own from the
+        moment this reader first reads it (with `now`: all of them at once, for a reader of the same files that
+        is not this one, e.g. transformers); `check_reads` compares. A no-op without a manifest."""
+        if self._hashing is None:
+            self._hashing = {}
+        if now:
+            for f in self.files:
+                self._start_hash(f)
+        for f in self._read:  # read before this call: still hashed (from the start, like all of them)
+            self._start_hash(f)
+
+    def _start_hash(self, path: Path) -> None:
+        want = self.listed.large(path) if self.listed is not None else None
+        if want is not None and path not in self._hashing:
+            self._hashing[path] = manifest.ReadHasher(path, want, self.listed.remake)
+
+    def check_reads(self) -> None:
+        """Wait for the hashes `hash_reads` started; `IntegrityError` for a file that is not the one recorded."""
+        for hasher in (self._hashing or {}).values():
+            hasher.check()
 
     def keys(self) -> list[str]:
         return sorted(self._loc)
@@ -86,8 +118,13 @@ class LazyReader:
     def _handle(self, path: Path):
         # One shard open at a time: enough for sequential streaming, bounded file handles for any model size.
         if path not in self._fh:
-            self.close()
+            for f in self._fh.values():
+                f.close()
+            self._fh.clear()
             self._fh[path] = open(path, "rb")
+            self._read.add(path)
+            if self._hashing is not None:
+                self._start_hash(path)
         return self._fh[path]
 
     def read_bytes(self, key: str) -> bytes:
@@ -152,6 +189,9 @@ class LazyReader:
         for f in self._fh.values():
             f.close()
         self._fh.clear()
+        for hasher in (self._hashing or {}).values():
+            hasher.abandon()  # a no-op once checked; else the verb failed or stopped early: stop hashing
+        self._hashing = None
 
     def __enter__(self) -> "LazyReader":
         return self

@@ -2,7 +2,9 @@
 
 The embedder is any local sentence-transformers folder; nothing is downloaded (`local_files_only`).
 Long documents are cut, with the embedder's own tokenizer, into chunks of its maximum length; a document's
-embedding is the mean of its (unit-normalised) chunk embeddings and the row is the mean over documents.
+embedding is the mean of its (unit-normalised) chunk embeddings and the row is the mean over documents. A document
+longer than `SCAN_CHARS` characters is not tokenized whole: its chunks come from evenly spread windows of it, so
+a 50 MB document costs what a 1 MB one does.
 Rows stay in the embedder's space here; `Anchor.to_model_space` maps them to the model's hidden size.
 """
 
@@ -23,6 +25,7 @@ from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec, encode_header, tensor_bytes
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx")
+SCAN_CHARS = 2**20  # the most characters of one document the embedder's tokenizer is given
 
 
 @dataclass
@@ -103,6 +106,10 @@ def load_embedder(path: str | Path, device: str = "cpu"):
 
 def _chunks(text: str, tokenizer, max_tokens: int, max_chunks: int) -> list[str]:
     """Character slices of `text` of at most `max_tokens` embedder tokens, at most `max_chunks`, spread evenly."""
+    if len(text) > SCAN_CHARS:  # one chunk from the start of each of `max_chunks` evenly spread windows
+        width = SCAN_CHARS // max_chunks
+        starts = torch.linspace(0, len(text) - width, max_chunks).round().long().tolist()
+        return [c for s in starts for c in _chunks(text[s:s + width], tokenizer, max_tokens, 1)]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = enc["offset_mapping"]
     if not offsets:

@@ -114,6 +114,7 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
         meta = {**m.meta, "experts": experts}
         new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
         with atomic_dir(out, overwrite, seal=MERGED_META) as tmp:
+            m.reader.hash_reads()  # the large shards, against the manifest, while they are copied
             with ShardWriter(tmp, [TensorSpec(s.name, s.dtype, s.shape) for s in specs],
                              max_shard_bytes=parse_size(shard_size)) as w:
                 for s in tqdm(specs, desc="write", unit="tensor", disable=not progress):
@@ -123,10 +124,27 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
                     else:  # row 0 (r_pub) keeps its bytes; the owners' rows are the tuned ones
                         w.write(s.name, torch.cat((m.reader.get(router_key(layer))[:1], rows[layer].to(dtype))))
                 shards = w.finalize()
-            write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases)
+            m.reader.check_reads()
+            write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases,
+                               side_listed=m.reader.listed)
     finally:
         m.close()
     return shards
+
+
+def load_checked(merged_dir: Path):
+    """`load_model` of the checkpoint to tune, in float32, its large shards hashed against the manifest while
+    transformers reads them: damage fails the run before any training, not at its end."""
+    from flexmoe.checkpoint.load import load_model
+
+    m = read_merged(merged_dir)
+    try:
+        m.reader.hash_reads(now=True)
+        model = load_model(merged_dir, dtype=torch.float32)
+        m.reader.check_reads()
+    finally:
+        m.close()
+    return model
 
 
 def check_tunable(merged_dir: Path) -> tuple[list[str], dict, str]:
@@ -157,7 +175,6 @@ class TuneResult:
 def tune_router(cfg, out: Path, *, overwrite: bool, resume: bool, progress: bool, on_step=None) -> TuneResult:
     """`cfg` is a `RouterTuneConfig`; the tuned merged checkpoint is written at `out`."""
     from flexmoe import __version__
-    from flexmoe.checkpoint.load import load_model
     from flexmoe.config import jsonable
     from flexmoe.data import load_documents, load_tokenizer, pack
     from flexmoe.io.atomic import check_output
@@ -178,7 +195,7 @@ def tune_router(cfg, out: Path, *, overwrite: bool, resume: bool, progress: bool
     device = train_cfg.device
     work = accel.prepare_work_dir(out, resume, overwrite, device)
     data, summary = pack(docs, tokenizer, train_cfg.seq_len, seed=train_cfg.seed, progress=progress)
-    model = load_model(merged, dtype=torch.float32)  # fp32 rows to train; written back in the router's dtype
+    model = load_checked(merged)  # fp32 rows to train; written back in the router's dtype
     make_tunable(model)
     identity = train_cfg.run_identity(anchor=fingerprint, experts=names, data=summary.to_json())
     stats, model = train(model, data, train_cfg, work_dir=work, resume=resume, identity=identity, on_step=on_step,

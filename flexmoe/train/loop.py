@@ -145,19 +145,25 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
         model, optimizer = accelerator.prepare(model, optimizer)
     params = list(trainable_tensors(inner).values())
 
-    step, position, resumed_from, last_loss = 0, 0, 0, None
+    step, position, resumed_from, last_loss, resumed = 0, 0, 0, None, None
     ckpt = latest_checkpoint(work_dir) if (resume and work_dir is not None) else None
     if ckpt is not None:
         state = _resume(ckpt, inner, optimizer, identity)
         step, position, resumed_from, last_loss = state.step, state.position, state.step, state.loss
+        resumed = state
 
     own_rows = cfg.batch_size - (public.rows if public is not None else 0)  # owner sequences per micro-batch
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * data.seq_len
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     losses: list[tuple[int, float]] = []
-    window = torch.zeros((), device=device)
+    window = torch.zeros((), device=device)  # this process's sum of step losses since the last log point
     window_n = 0
+    if resumed is not None and resumed.window_steps:
+        # The open window of the interrupted run (per process; its mean if the number of processes changed).
+        sums = resumed.window
+        window.fill_(sums[rank] if len(sums) == world else sum(sums) / len(sums))
+        window_n = resumed.window_steps
     start_step, t0 = step, time.perf_counter()
 
     def checkpoint(done: int) -> None:  # every process calls it
@@ -165,8 +171,10 @@ def _train(inner, data: PackedData, cfg: TrainConfig, accelerator, *, sharding, 
         # Full tensors and optimizer state, whatever the sharding; gathering them is a collective under FSDP.
         tensors = fsdp.full_tensors(trainable_tensors(inner), keep=main)
         opt_state = fsdp.full_optimizer_state(optimizer, keep=main)
+        sums = accelerator.gather(window.reshape(1)).tolist() if window_n else []  # a collective, like the above
         if main and work_dir is not None:
-            state = TrainState(step=done, position=position, seed=cfg.seed, loss=last_loss, identity=identity)
+            state = TrainState(step=done, position=position, seed=cfg.seed, loss=last_loss, identity=identity,
+                               window=sums, window_steps=window_n)
             save_state(work_dir, state, tensors, opt_state)
         accelerator.wait_for_everyone()
 

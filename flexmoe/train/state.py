@@ -4,7 +4,7 @@
 |---|---|
 | `trainable.safetensors` | the trainable parameters, by their names in the unwrapped model |
 | `optimizer.pt` | the optimizer's `state_dict()`: tensors and plain containers only, loaded with `weights_only=True` |
-| `state.json` | step, data position, seed, last logged loss, and the run identity a resume must match |
+| `state.json` | step, data position, seed, last logged loss, the open logging window, and the run identity a resume must match |
 
 Frozen tensors are never saved: they are the anchor's, and a resume rebuilds them from it.
 """
@@ -35,6 +35,10 @@ class TrainState:
     seed: int
     loss: float | None = None
     identity: dict = field(default_factory=dict)
+    # The logging window still open at `step`: each process's running sum of its step losses, and how many steps
+    # it holds, so a resumed run logs (and reports as final) the same loss as an uninterrupted one.
+    window: list[float] = field(default_factory=list)
+    window_steps: int = 0
 
 
 def _check_plain(obj, where: str = "optimizer state") -> None:

@@ -48,6 +48,16 @@ def test_long_documents_are_chunked_and_capped(train_inputs):
     assert short.num_chunks == 1
 
 
+def test_a_50_mb_document_is_embedded_from_spread_windows(train_inputs):
+    """Not tokenized whole (gigabytes of offsets): one chunk from each of max_chunks_per_doc spread windows."""
+    import time
+
+    huge = ("the lord said " * 3_600_000)[:50_000_000] + " and it was good"
+    t0 = time.perf_counter()
+    one = mean_embedding([huge], train_inputs.embedder, max_chunks_per_doc=4, progress=False)
+    assert one.num_chunks == 4 and torch.isfinite(one.row).all() and time.perf_counter() - t0 < 20
+
+
 def test_row_file_round_trip(train_inputs, tmp_path):
     emb = mean_embedding(load_documents([train_inputs.code]).texts, train_inputs.embedder, num_docs=5,
                          progress=False)

@@ -537,6 +537,47 @@ class RemoveConfig(_Sharded):
 
 
 @dataclasses.dataclass
+class AdoptConfig(_Sharded):
+    """`flexmoe adopt`: an existing E-expert `FlexOlmoForCausalLM` folder (no router bias) as a merged checkpoint.
+
+    Args:
+        model: the Hugging Face folder (sharded or not, any float dtype).
+        names: one name per expert in router order; the first is "public" (expert 0, the public FFN).
+        shard_size: largest output shard.
+    """
+
+    model: Path
+    names: list[str]
+    shard_size: str = SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.names, str):
+            self.names = [n.strip() for n in self.names.split(",")]
+        if not self.names or self.names[0] != "public":
+            raise ConfigError(f"--names must start with 'public' (expert 0 is the public FFN), got "
+                              f"{','.join(self.names) or 'nothing'}; e.g. --names public,math,code")
+        dup = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"--names lists {dup[0]!r} twice; every expert needs its own name")
+
+
+@dataclasses.dataclass
+class ImportExpertConfig(Config):
+    """`flexmoe import-expert`: a 2-expert `FlexOlmoForCausalLM` folder (public + one domain) as an expert package.
+
+    Args:
+        model: the Hugging Face folder; its shared tensors, experts.0 and router row 0 must equal `anchor`'s.
+        anchor: the flexmoe anchor (e.g. from `init-anchor --from-moe` of the public 2-expert model).
+        name: the expert's name.
+    """
+
+    model: Path
+    anchor: Path
+    name: str
+
+
+@dataclasses.dataclass
 class ExtractConfig(Config):
     """`flexmoe extract`: write the expert named `expert` back out as an expert package."""
 

@@ -368,16 +368,30 @@ class TrainAnchorConfig(Config):
 
 @dataclasses.dataclass
 class InitAnchorConfig(Config):
-    """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor."""
+    """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor (`model`, r_pub embedded
+    from `public_data`), or cut the dense anchor out of a FlexOlmo model (`from_moe`: shared tensors + expert 0,
+    r_pub = its router row 0, no embedder)."""
 
-    model: Path
-    public_data: list[Path]
+    model: Path | None = None
+    public_data: list[Path] = dataclasses.field(default_factory=list)
     embedder: Path | None = None  # the router embedder, or:
     public_row: Path | None = None  # a row file of the public data from `embed-domain` (same embedder)
-    tokenizer: Path | None = None  # None: the tokenizer files of `model`
+    tokenizer: Path | None = None  # None: the tokenizer files of `model` / `from_moe`
     num_docs: int = 1000
     seed: int = 0
     device: Device = Device.AUTO
+    from_moe: Path | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.model is None) == (self.from_moe is None):
+            raise ConfigError("init-anchor takes exactly one of --model (a dense Olmo2 folder) or --from-moe "
+                              "(a FlexOlmo folder whose expert 0 is the public FFN)")
+        if self.from_moe is not None and (self.public_data or self.embedder or self.public_row):
+            raise ConfigError("--from-moe takes r_pub from the model's router row 0: drop --public-data, "
+                              "--embedder and --public-row")
+        if self.model is not None and not self.public_data:
+            raise ConfigError("init-anchor --model needs --public-data (the public text r_pub is embedded from)")
 
 
 @dataclasses.dataclass

@@ -130,3 +130,48 @@ def test_import_cli(world, tmp_path):
     r = CliRunner().invoke(main, ["import-expert", str(world["bfloat16"]["code"]), "--anchor", str(w["anchor"]),
                                   "--name", "code", "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+
+
+# ---- init-anchor --from-moe: the anchor out of the public 2x model, then the released flow end to end
+
+
+@pytest.mark.parametrize("d", ["float32", "bfloat16"])
+def test_init_anchor_from_moe_then_import(world, tmp_path, d, capfd):
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.api import init_anchor
+    from flexmoe.config import InitAnchorConfig
+    from flexmoe.io.anchor import read_anchor
+
+    public2x = world[d]["math"]  # any model built on the anchor: its expert 0 and shared layers are the anchor's
+    res = init_anchor(InitAnchorConfig(from_moe=public2x), tmp_path / "anchor", progress=False)
+    original = world[d]["anchor"]
+    assert res.fingerprint == read_anchor(original).meta.fingerprint
+    assert tensors(tmp_path / "anchor") == tensors(original)  # the dense model, byte for byte
+    a = read_anchor(tmp_path / "anchor")
+    assert a.meta.embedder is None and a.meta.dtype == d
+    assert torch.equal(a.public_row.to(getattr(torch, d)), read_anchor(original).public_row.to(getattr(torch, d)))
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "anchor")
+    assert type(dense).__name__ == "Olmo2ForCausalLM"
+    said = "".join(capfd.readouterr()).lower()
+    assert "missing" not in said and "unexpected" not in said and "newly initialized" not in said
+    import_expert(ImportExpertConfig(world[d]["code"], tmp_path / "anchor", "code"), tmp_path / "code", progress=False)
+    surgery.merge(MergeConfig(tmp_path / "anchor", [tmp_path / "code"], top_k=2), tmp_path / "m", progress=False)
+    assert tensors(tmp_path / "m") == tensors(world[d]["code"])
+
+
+def test_init_anchor_from_moe_refusals(tmp_path):
+    from flexmoe.api import init_anchor
+    from flexmoe.config import InitAnchorConfig
+    from flexmoe.errors import ConfigError
+
+    per_layer = save_random_flex_olmo(tmp_path / "rows", num_experts=2)  # router row 0 differs per layer
+    with pytest.raises(CheckpointError, match=r"row 0 of model\.layers\.1\.mlp\.gate\.weight differs from layer 0's"):
+        init_anchor(InitAnchorConfig(from_moe=per_layer), tmp_path / "a", progress=False)
+    with pytest.raises(CheckpointError, match="is not a FlexOlmo model"):
+        init_anchor(InitAnchorConfig(from_moe=save_random_olmo2(tmp_path / "dense")), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="exactly one of --model"):
+        InitAnchorConfig(model=tmp_path, from_moe=tmp_path)
+    with pytest.raises(ConfigError, match="drop --public-data"):
+        InitAnchorConfig(from_moe=tmp_path, public_data=[tmp_path])
+    assert not (tmp_path / "a").exists()

@@ -164,7 +164,7 @@ def import_expert(model, anchor, name, out, overwrite, quiet, as_json):
 
     \b
     Example:
-      flexmoe init-anchor --from-moe Flex-public-2x7B --out runs/anchor
+      flexmoe init-anchor --from-moe Flex-math-2x7B-1T --out runs/anchor
       flexmoe import-expert Flex-math-2x7B-1T --anchor runs/anchor --name math --out runs/math
     """
     res = api.import_expert(ImportExpertConfig(model, anchor, name), out, overwrite=overwrite, progress=not quiet)

@@ -76,7 +76,7 @@ def init_anchor(model, from_moe, public_data, embedder, public_row, out, tokeniz
     Example:
       flexmoe init-anchor --model path/to/OLMo-2-1B --public-data data/public/train.jsonl \\
           --embedder path/to/all-MiniLM-L6-v2 --out runs/anchor-1b
-      flexmoe init-anchor --from-moe path/to/Flex-public-2x7B --out runs/anchor-7b
+      flexmoe init-anchor --from-moe path/to/Flex-math-2x7B-1T --out runs/anchor-7b
     """
     cfg = InitAnchorConfig(model=model, from_moe=from_moe, public_data=list(public_data), embedder=embedder,
                            public_row=public_row, tokenizer=tokenizer, num_docs=num_docs, seed=seed, device=device)

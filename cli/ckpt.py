@@ -1,4 +1,4 @@
-"""Commands: merge, add, remove, extract, inspect — thin wrappers over the checkpoint verbs of `flexmoe.api`."""
+"""Commands: merge, add, remove, extract, adopt, import-expert, inspect — thin wrappers over the checkpoint verbs of `flexmoe.api`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import click
 from flexmoe import api
 from flexmoe.cli import main
 from flexmoe.cli import options as o
-from flexmoe.config import SHARD_SIZE, AddConfig, ExtractConfig, MergeConfig, RemoveConfig
+from flexmoe.config import (SHARD_SIZE, AddConfig, AdoptConfig, ExtractConfig, ImportExpertConfig, MergeConfig,
+                            RemoveConfig)
 from flexmoe.errors import ConfigError
 
 _path = o.PATH
@@ -118,6 +119,57 @@ def extract(merged, name, out, overwrite, quiet, as_json):
     res = api.extract(ExtractConfig(merged, name), out, overwrite=overwrite, progress=not quiet)
     o.emit(res, as_json, f"wrote expert package {res.out} ({res.name}, {res.num_layers} layers, "
                          f"{res.total_bytes / 1e6:.1f} MB)")
+
+
+@main.command()
+@click.argument("model", type=_path)
+@click.option("--names", required=True, help="One name per expert in router order, 'public' first (comma-separated).")
+@click.option("--out", required=True, type=_path, help="Output merged folder (created atomically).")
+@_shard_flag
+@o.overwrite
+@o.quiet
+@o.as_json
+def adopt(model, names, out, shard_size, overwrite, quiet, as_json):
+    """Take over an existing FlexOlmoForCausalLM folder as a flexmoe merged checkpoint.
+
+    The tensors are copied byte for byte; flexmoe.json names the experts, the anchor fingerprint is
+    computed from the model's anchor view (shared tensors + expert 0), the expert biases are 0 (the
+    source has none), top-k comes from config.json. Afterwards remove / add / extract / inspect /
+    verify / eval / generate work on it. The expert order of a released model is not recorded in
+    it: check its model card before naming the experts.
+
+    \b
+    Example:
+      flexmoe adopt FlexOlmo-7x7B-1T --names public,math,news,pes2o,code,creative,reddit --out runs/7x7b
+      flexmoe remove runs/7x7b --expert news --out runs/7x7b-no-news
+    """
+    cfg = AdoptConfig(model, [n.strip() for n in names.split(",")], shard_size=shard_size)
+    _report(api.adopt(cfg, out, overwrite=overwrite, progress=not quiet), as_json)
+
+
+@main.command("import-expert")
+@click.argument("model", type=_path)
+@click.option("--anchor", required=True, type=_path, help="Anchor the model was built on (its public expert).")
+@click.option("--name", required=True, help="Name of the expert.")
+@click.option("--out", required=True, type=_path, help="Output package folder.")
+@o.overwrite
+@o.quiet
+@o.as_json
+def import_expert(model, anchor, name, out, overwrite, quiet, as_json):
+    """Turn a 2-expert FlexOlmo model (public + one domain) into an expert package.
+
+    experts.1 becomes the owner FFN, router row 1 its router row, the bias 0 ("none in source");
+    the card records the source folder and every source file's sha256. Refused unless the shared
+    tensors, experts.0 and router row 0 equal the anchor's, in the same dtype.
+
+    \b
+    Example:
+      flexmoe init-anchor --from-moe Flex-math-2x7B-1T --out runs/anchor
+      flexmoe import-expert Flex-math-2x7B-1T --anchor runs/anchor --name math --out runs/math
+    """
+    res = api.import_expert(ImportExpertConfig(model, anchor, name), out, overwrite=overwrite, progress=not quiet)
+    o.emit(res, as_json, f"wrote expert package {res.out} ({res.name}, {res.num_layers} layers, "
+                         f"{res.total_bytes / 1e6:.1f} MB), anchor {res.anchor_fingerprint[:23]}...")
 
 
 @main.command()

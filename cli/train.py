@@ -56,8 +56,11 @@ def train_anchor(data, embedder, public_row, out, preset, tokenizer, max_steps, 
 
 
 @main.command("init-anchor")
-@click.option("--model", type=o.PATH, required=True, help="Existing Olmo2ForCausalLM directory (safetensors).")
-@click.option("--public-data", type=o.PATH, multiple=True, required=True, help="Public text for r_pub (repeatable).")
+@click.option("--model", type=o.PATH, help="Existing Olmo2ForCausalLM directory (safetensors).")
+@click.option("--from-moe", type=o.PATH,
+              help="Instead of --model: a FlexOlmo folder (e.g. a public 2x7B); the anchor is its shared layers + "
+                   "expert 0, r_pub its router row 0.")
+@click.option("--public-data", type=o.PATH, multiple=True, help="Public text for r_pub (repeatable; with --model).")
 @click.option("--embedder", type=o.PATH, help="Local sentence-transformers folder (router rows).")
 @click.option("--public-row", type=o.PATH, help="Instead of --embedder: embed-domain's row file of the public data.")
 @click.option("--out", type=o.PATH, required=True, help="Anchor directory to create (a copy of --model).")
@@ -66,16 +69,17 @@ def train_anchor(data, embedder, public_row, out, preset, tokenizer, max_steps, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @o.device
 @o.overwrite
-def init_anchor(model, public_data, embedder, public_row, out, tokenizer, num_docs, seed, device, overwrite):
-    """Adopt an existing OLMo-2 model as an anchor (copy + r_pub + fingerprint).
+def init_anchor(model, from_moe, public_data, embedder, public_row, out, tokenizer, num_docs, seed, device, overwrite):
+    """Adopt an existing OLMo-2 model as an anchor (copy + r_pub + fingerprint), or cut one out of a FlexOlmo model.
 
     \b
     Example:
       flexmoe init-anchor --model path/to/OLMo-2-1B --public-data data/public/train.jsonl \\
           --embedder path/to/all-MiniLM-L6-v2 --out runs/anchor-1b
+      flexmoe init-anchor --from-moe path/to/Flex-math-2x7B-1T --out runs/anchor-7b
     """
-    cfg = InitAnchorConfig(model=model, public_data=list(public_data), embedder=embedder, public_row=public_row,
-                           tokenizer=tokenizer, num_docs=num_docs, seed=seed, device=device)
+    cfg = InitAnchorConfig(model=model, from_moe=from_moe, public_data=list(public_data), embedder=embedder,
+                           public_row=public_row, tokenizer=tokenizer, num_docs=num_docs, seed=seed, device=device)
     r = api.init_anchor(cfg, out, overwrite=overwrite)
     o.say(f"anchor written to {r.path} ({r.num_params:,} parameters)\nfingerprint {r.fingerprint}")
 

@@ -7,7 +7,7 @@ The verbs of `flexmoe.api` and the errors of `flexmoe.errors` are importable fro
 __version__ = "0.1.0"
 
 _VERBS = ("train_anchor", "init_anchor", "embed_domain", "train_expert", "merge", "add", "remove", "extract",
-          "inspect", "verify", "load_model", "select_proxy", "tune_router", "evaluate", "generate")
+          "adopt", "import_expert", "inspect", "verify", "load_model", "select_proxy", "tune_router", "evaluate", "generate")
 _ERRORS = ("FlexmoeError", "ConfigError", "DataError", "CheckpointError", "FingerprintMismatch", "IntegrityError",
            "OutputExistsError")
 __all__ = ["__version__", *_VERBS, *_ERRORS]

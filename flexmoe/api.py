@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from flexmoe.anchor.meta import AnchorResult
+    from flexmoe.checkpoint.adopt import ImportResult
     from flexmoe.checkpoint.inspection import InspectResult
     from flexmoe.checkpoint.surgery import CheckpointResult, ExtractResult
     from flexmoe.checkpoint.verify import VerifyResult
-    from flexmoe.config import (AddConfig, EmbedConfig, EvalConfig, ExpertSpec, ExtractConfig, ExtractionConfig,
-                                GenerateConfig, InitAnchorConfig, MergeConfig, ProxyConfig, RemoveConfig,
-                                RouterTuneConfig, TrainAnchorConfig)
+    from flexmoe.config import (AddConfig, AdoptConfig, EmbedConfig, EvalConfig, ExpertSpec, ExtractConfig,
+                                ExtractionConfig, GenerateConfig, ImportExpertConfig, InitAnchorConfig, MergeConfig,
+                                ProxyConfig, RemoveConfig, RouterTuneConfig, TrainAnchorConfig)
     from flexmoe.eval.evaluate import EvalResult
     from flexmoe.eval.extraction import ExtractionResult
     from flexmoe.expert.train import ExpertResult
@@ -93,6 +94,21 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
 def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> ExtractResult:
     """Write one expert of a merged checkpoint back out as an expert package."""
     from flexmoe.checkpoint.surgery import extract as run
+
+    return run(cfg, out, overwrite=overwrite, progress=progress)
+
+
+def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> CheckpointResult:
+    """Take over an existing E-expert `FlexOlmoForCausalLM` folder (e.g. FlexOlmo-7x7B) as a merged checkpoint."""
+    from flexmoe.checkpoint.adopt import adopt as run
+
+    return run(cfg, out, overwrite=overwrite, progress=progress)
+
+
+def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool = False,
+                  progress: bool = True) -> ImportResult:
+    """A 2-expert `FlexOlmoForCausalLM` built on `cfg.anchor` (e.g. Flex-math-2x7B) as an expert package."""
+    from flexmoe.checkpoint.adopt import import_expert as run
 
     return run(cfg, out, overwrite=overwrite, progress=progress)
 

@@ -368,16 +368,30 @@ class TrainAnchorConfig(Config):
 
 @dataclasses.dataclass
 class InitAnchorConfig(Config):
-    """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor."""
+    """`flexmoe init-anchor`: adopt an existing HF `Olmo2ForCausalLM` directory as an anchor (`model`, r_pub embedded
+    from `public_data`), or cut the dense anchor out of a FlexOlmo model (`from_moe`: shared tensors + expert 0,
+    r_pub = its router row 0, no embedder)."""
 
-    model: Path
-    public_data: list[Path]
+    model: Path | None = None
+    public_data: list[Path] = dataclasses.field(default_factory=list)
     embedder: Path | None = None  # the router embedder, or:
     public_row: Path | None = None  # a row file of the public data from `embed-domain` (same embedder)
-    tokenizer: Path | None = None  # None: the tokenizer files of `model`
+    tokenizer: Path | None = None  # None: the tokenizer files of `model` / `from_moe`
     num_docs: int = 1000
     seed: int = 0
     device: Device = Device.AUTO
+    from_moe: Path | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.model is None) == (self.from_moe is None):
+            raise ConfigError("init-anchor takes exactly one of --model (a dense Olmo2 folder) or --from-moe "
+                              "(a FlexOlmo folder whose expert 0 is the public FFN)")
+        if self.from_moe is not None and (self.public_data or self.embedder or self.public_row):
+            raise ConfigError("--from-moe takes r_pub from the model's router row 0: drop --public-data, "
+                              "--embedder and --public-row")
+        if self.model is not None and not self.public_data:
+            raise ConfigError("init-anchor --model needs --public-data (the public text r_pub is embedded from)")
 
 
 @dataclasses.dataclass
@@ -534,6 +548,47 @@ class RemoveConfig(_Sharded):
     expert: str
     top_k: int | None = None
     shard_size: str = SHARD_SIZE
+
+
+@dataclasses.dataclass
+class AdoptConfig(_Sharded):
+    """`flexmoe adopt`: an existing E-expert `FlexOlmoForCausalLM` folder (no router bias) as a merged checkpoint.
+
+    Args:
+        model: the Hugging Face folder (sharded or not, any float dtype).
+        names: one name per expert in router order; the first is "public" (expert 0, the public FFN).
+        shard_size: largest output shard.
+    """
+
+    model: Path
+    names: list[str]
+    shard_size: str = SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.names, str):
+            self.names = [n.strip() for n in self.names.split(",")]
+        if not self.names or self.names[0] != "public":
+            raise ConfigError(f"--names must start with 'public' (expert 0 is the public FFN), got "
+                              f"{','.join(self.names) or 'nothing'}; e.g. --names public,math,code")
+        dup = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"--names lists {dup[0]!r} twice; every expert needs its own name")
+
+
+@dataclasses.dataclass
+class ImportExpertConfig(Config):
+    """`flexmoe import-expert`: a 2-expert `FlexOlmoForCausalLM` folder (public + one domain) as an expert package.
+
+    Args:
+        model: the Hugging Face folder; its shared tensors, experts.0 and router row 0 must equal `anchor`'s.
+        anchor: the flexmoe anchor (e.g. from `init-anchor --from-moe` of the public 2-expert model).
+        name: the expert's name.
+    """
+
+    model: Path
+    anchor: Path
+    name: str
 
 
 @dataclasses.dataclass

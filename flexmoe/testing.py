@@ -286,3 +286,78 @@ def drop_manifest(folder: str | Path) -> Path:
                 meta.write_text(json.dumps(data, indent=2) + "\n")
                 break
     return Path(folder)
+
+
+# ---- stock FlexOlmo folders (the models flexmoe did not write: adopt, import-expert, init-anchor --from-moe)
+
+_OLMO2_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "pad_token_id", "eos_token_id", "bos_token_id",
+               "tie_word_embeddings", "rope_parameters")
+
+
+def tiny_flex_olmo_config(*, num_experts: int, top_k: int | None = None, **config_kwargs):
+    """`tiny_olmo2_config` as a `FlexOlmoConfig` of `num_experts` experts, top-k `top_k` (default: all)."""
+    from transformers import FlexOlmoConfig
+
+    base = tiny_olmo2_config(**config_kwargs).to_dict()
+    return FlexOlmoConfig(**{k: base[k] for k in _OLMO2_KEYS if k in base}, num_experts=num_experts,
+                          num_experts_per_tok=top_k or num_experts, norm_topk_prob=False)
+
+
+def _save_stock(model, out: Path, dtype: torch.dtype, max_shard_size: str | None) -> Path:
+    model = model.to(dtype)
+    if max_shard_size is None:
+        model.save_pretrained(out)
+    else:
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+    return out
+
+
+def save_random_flex_olmo(out_dir: str | Path, *, num_experts: int = 3, top_k: int | None = None, seed: int = 0,
+                          dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                          router_std: float = 1.0, **config_kwargs) -> Path:
+    """A random `FlexOlmoForCausalLM` saved by stock `save_pretrained` (sharded when `max_shard_size` is small),
+    with router weights of std `router_std` so that every expert gets tokens."""
+    from transformers import FlexOlmoForCausalLM
+
+    torch.manual_seed(seed)
+    model = FlexOlmoForCausalLM(tiny_flex_olmo_config(num_experts=num_experts, top_k=top_k, **config_kwargs))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, router_std)
+    return _save_stock(model, Path(out_dir), dtype, max_shard_size)
+
+
+def save_flex_olmo_on_anchor(out_dir: str | Path, anchor: str | Path, *, seed: int, num_experts: int = 2,
+                             max_shard_size: str | None = None, ffn_std: float = 0.02, row_std: float = 1.0,
+                             **config_kwargs) -> Path:
+    """A `FlexOlmoForCausalLM` built on a flexmoe anchor the way FlexOlmo's released 2x7B models are: shared
+    tensors and expert 0 from the anchor, router row 0 = r_pub, random experts 1.. and their rows; saved by stock
+    `save_pretrained` in the anchor's dtype."""
+    from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
+
+    from flexmoe.io.anchor import read_anchor
+
+    dense = Olmo2ForCausalLM.from_pretrained(anchor)
+    dtype = next(dense.parameters()).dtype
+    model = FlexOlmoForCausalLM(tiny_flex_olmo_config(num_experts=num_experts, **config_kwargs)).to(dtype)
+    state = dense.state_dict()
+    g = torch.Generator().manual_seed(seed)
+    r_pub = read_anchor(anchor).public_row
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." not in name:
+                p.copy_(state[name])
+        for i, layer in enumerate(model.model.layers):
+            mlp, src = layer.mlp, dense.model.layers[i].mlp
+            for e in range(num_experts):
+                if e == 0:
+                    gate, up, down = src.gate_proj.weight, src.up_proj.weight, src.down_proj.weight
+                else:
+                    gate, up, down = (torch.randn(w.shape, generator=g).to(dtype) * ffn_std
+                                      for w in (src.gate_proj.weight, src.up_proj.weight, src.down_proj.weight))
+                mlp.experts.gate_up_proj[e].copy_(torch.cat([gate, up]))
+                mlp.experts.down_proj[e].copy_(down)
+            rows = [r_pub] + [torch.randn(r_pub.shape, generator=g) * row_std for _ in range(num_experts - 1)]
+            mlp.gate.weight.copy_(torch.stack(rows).to(dtype))
+    return _save_stock(model, Path(out_dir), dtype, max_shard_size)

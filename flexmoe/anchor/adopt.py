@@ -1,10 +1,13 @@
 """`init_anchor`: an existing Hugging Face `Olmo2ForCausalLM` folder adopted as an anchor (a copy plus r_pub and the
-fingerprint), so owners can train experts against a released model."""
+fingerprint), so owners can train experts against a released model; or, `--from-moe`, the dense anchor cut out of a
+FlexOlmo model (shared tensors + expert 0, r_pub = router row 0), e.g. of a released public 2x7B."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import torch
 
 from flexmoe.anchor.meta import AnchorResult, write_meta
 from flexmoe.config import DType, InitAnchorConfig
@@ -20,6 +23,8 @@ from flexmoe.train import accel
 
 
 def init_anchor(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: bool) -> AnchorResult:
+    if cfg.from_moe is not None:
+        return init_anchor_from_moe(cfg, out, overwrite=overwrite, progress=progress)
     out = check_output(out, overwrite)
     src = Path(cfg.model)
     config = hf_config.require(src, hf_config.DENSE, "adopt an Olmo2ForCausalLM directory")
@@ -43,4 +48,64 @@ def init_anchor(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: 
         if cfg.tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         fingerprint = write_meta(tmp, config=config, dtype=dtype, public=public, docs=docs)
+    return AnchorResult(path=out, fingerprint=fingerprint, num_params=num_params)
+
+
+# Keys of a FlexOlmo config.json that a dense Olmo2 config does not have.
+_MOE_KEYS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef", "output_router_logits")
+
+
+def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: bool) -> AnchorResult:
+    """The dense `Olmo2ForCausalLM` inside a FlexOlmo folder: shared tensors and expert 0 (as the dense FFN), copied
+    as raw bytes in the canonical order; r_pub = router row 0 (float32, lossless); no embedder. Experts built on
+    this public model (its other 2x siblings) then import against it with `import-expert`."""
+    from flexmoe.checkpoint.adopt import open_flex_source
+    from flexmoe.checkpoint.surgery import _copy, _stream
+    from flexmoe.config import SHARD_SIZE, parse_size
+    from flexmoe.io.jsonfile import dump_json
+    from flexmoe.io.keys import dense_ffn_key, parse_expert_key, parse_router_key, router_key
+    from flexmoe.io.merged import COPIED_FILES, copy_side_files
+    from flexmoe.io.anchor import AnchorMeta, write_anchor_files
+    from flexmoe.io.fingerprint import anchor_fingerprint
+
+    out = check_output(out, overwrite)
+    src_dir = Path(cfg.from_moe)
+    src = open_flex_source(src_dir, "init-anchor --from-moe takes a FlexOlmoForCausalLM folder")
+    try:
+        items = []
+        for key in src.reader.keys():
+            parsed = parse_expert_key(key)
+            if parsed is not None:
+                if parsed[1] == 0:
+                    items.append(_copy(dense_ffn_key(parsed[0], parsed[2]), src.reader, key))
+            elif parse_router_key(key) is None:
+                items.append(_copy(key, src.reader, key))
+        row0 = src.reader.get(router_key(0))[0]
+        for layer in range(1, src.num_layers):
+            if not torch.equal(src.reader.get(router_key(layer))[0], row0):
+                # flexmoe's anchor has one r_pub for every layer (docs/FORMAT.md), so this public model has no anchor.
+                raise CheckpointError(f"{src_dir}: row 0 of {router_key(layer)} differs from layer 0's; a flexmoe anchor "
+                                      "has one public router row for every layer, so this model cannot be one "
+                                      "(use `flexmoe adopt` to work with it as a merged checkpoint)")
+        r_pub = row0.float()
+        config = {k: v for k, v in src.config.items() if k not in _MOE_KEYS}
+        config.update(model_type=hf_config.DENSE, architectures=["Olmo2ForCausalLM"])
+        tokenizer = load_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer is not None else None
+        dtype = DType.of_safetensors(src.dtype)
+        with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:
+            _stream(tmp, items, max_shard_bytes=parse_size(SHARD_SIZE), prefix="model", progress=progress,
+                    desc="init-anchor")
+            dump_json(tmp / "config.json", config, sort_keys=True)
+            copy_side_files(src_dir, tmp, COPIED_FILES)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            fingerprint = anchor_fingerprint(tmp)
+            meta = AnchorMeta(fingerprint=fingerprint, hidden_size=src.hidden_size, num_layers=src.num_layers,
+                              intermediate_size=int(config["intermediate_size"]), dtype=dtype.value, embedder=None,
+                              public_data={"documents": 0, "bytes": 0,
+                                           "r_pub": f"router row 0 of {src_dir.resolve()}"})
+            write_anchor_files(tmp, meta, r_pub, None)
+    finally:
+        src.close()
+    num_params = sum(it.spec.nbytes // DTYPE_TO_TORCH[it.spec.dtype].itemsize for it in items)
     return AnchorResult(path=out, fingerprint=fingerprint, num_params=num_params)

@@ -13,7 +13,7 @@ from flexmoe.io import hf_config, manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
-from flexmoe.io.writer import ShardWriter
+from flexmoe.io.writer import ShardWriter, ensure_index
 
 ANCHOR_META = "flexmoe_anchor.json"
 ANCHOR_ROUTER = "flexmoe_router.safetensors"
@@ -92,7 +92,9 @@ class Anchor:
 
 
 def write_anchor_files(out_dir: Path, meta: AnchorMeta, public_row: torch.Tensor, projection: torch.Tensor | None) -> None:
-    """Write the two flexmoe files into an (atomic, temporary) anchor directory."""
+    """Write the two flexmoe files into an (atomic, temporary) anchor directory whose weights are already there;
+    a one-file model gets its index (serving layout, docs/FORMAT.md)."""
+    ensure_index(out_dir)
     tensors = {"public_row": public_row.detach().float().reshape(-1).contiguous()}
     if projection is not None:
         tensors["projection"] = projection.detach().float().contiguous()

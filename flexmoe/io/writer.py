@@ -3,7 +3,9 @@
 The caller first declares every tensor (name, dtype, shape); shards are assigned up front, so each shard's
 header can be written before its data and no shard is ever buffered in memory. Peak memory is one tensor,
 independent of model size. Output names follow transformers: `model.safetensors` for one shard, else
-`model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+`model-0000i-of-0000n.safetensors`. A model (prefix `model`) always gets `model.safetensors.index.json`, also for
+one shard: serving engines that glob `*.safetensors` (vLLM) load exactly the files the index names, never the
+flexmoe sidecars beside them (docs/FORMAT.md, "Serving layout").
 """
 
 from __future__ import annotations
@@ -18,9 +20,27 @@ import torch
 from flexmoe.errors import CheckpointError
 from flexmoe.io import manifest
 from flexmoe.io.reader import LazyReader
-from flexmoe.io.safetensors_format import TensorSpec, encode_header, tensor_bytes
+from flexmoe.io.safetensors_format import TensorSpec, encode_header, read_header, tensor_bytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+MODEL_PREFIX = "model"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _dump_index(path: Path, total_size: int, weight_map: dict[str, str]) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def ensure_index(model_dir: str | Path) -> None:
+    """Give a one-file model folder (`model.safetensors`, no index: what `save_pretrained` writes) the index that
+    a sharded one has, so that `*.safetensors` globbing engines read only the model's tensors."""
+    model_dir = Path(model_dir)
+    single = model_dir / f"{MODEL_PREFIX}.safetensors"
+    if (model_dir / INDEX_NAME).is_file() or not single.is_file():
+        return
+    locs = sorted(read_header(single)[0].values(), key=lambda loc: loc.offset)  # file order
+    _dump_index(model_dir / INDEX_NAME, sum(loc.spec.nbytes for loc in locs), {loc.spec.name: single.name for loc in locs})
 
 
 class ShardWriter:
@@ -32,12 +52,14 @@ class ShardWriter:
         max_shard_bytes: a shard is closed before it would exceed this (a larger tensor gets its own shard).
         prefix: file stem, `model` for models, `expert` for expert packages.
         metadata: string metadata stored in every shard header.
+        index: write `{prefix}.safetensors.index.json` also for one shard (default: for models, prefix `model`).
     """
 
     def __init__(self, out_dir: str | Path, specs: Sequence[TensorSpec], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 prefix: str = "model", metadata: dict[str, str] | None = None):
+                 prefix: str = MODEL_PREFIX, metadata: dict[str, str] | None = None, index: bool | None = None):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
+        self.index = prefix == MODEL_PREFIX if index is None else index
         self.metadata = metadata
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -119,17 +141,17 @@ class ShardWriter:
                 hasher.abandon()
 
     def finalize(self) -> list[str]:
-        """Close the last shard, write the index if there are several; returns the shard file names."""
+        """Close the last shard, write the index if there are several (or always, for a model); returns the shard
+        file names."""
         if self._next != len(self._order):
             raise CheckpointError(f"only {self._next} of {len(self._order)} planned tensors were written")
         if not self._order:  # an empty plan still yields a valid (empty) file
             self._open_shard(0)
         self._close_fd()
         names = [self.shard_name(i) for i in range(len(self._shards))]
-        if len(names) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {s.name: self.shard_name(i) for i, shard in enumerate(self._shards) for s in shard}}
-            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if len(names) > 1 or self.index:
+            _dump_index(self.out_dir / f"{self.prefix}.safetensors.index.json", self.total_size,
+                        {s.name: self.shard_name(i) for i, shard in enumerate(self._shards) for s in shard})
         return names
 
     def __enter__(self) -> "ShardWriter":

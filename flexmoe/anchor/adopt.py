@@ -93,8 +93,8 @@ def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, p
         tokenizer = load_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer is not None else None
         dtype = DType.of_safetensors(src.dtype)
         with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:
-            _stream(tmp, items, max_shard_bytes=parse_size(SHARD_SIZE), prefix="model", progress=progress,
-                    desc="init-anchor")
+            _stream(tmp, items, sources=[src.reader], max_shard_bytes=parse_size(SHARD_SIZE), prefix="model",
+                    progress=progress, desc="init-anchor")
             dump_json(tmp / "config.json", config, sort_keys=True)
             copy_side_files(src_dir, tmp, COPIED_FILES)
             if tokenizer is not None:

@@ -156,7 +156,8 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
         biases = torch.zeros(src.num_layers, src.num_experts)
         fcfg = flex_olmo_config(src.config, src.num_experts, src.top_k)
         with _output(out, overwrite) as tmp:
-            shards = _stream(tmp, items, max_shard_bytes=max_shard, prefix="model", progress=progress, desc="adopt")
+            shards = _stream(tmp, items, sources=[src.reader], max_shard_bytes=max_shard, prefix="model",
+                             progress=progress, desc="adopt")
             write_merged_files(tmp, side_src=src_dir, config=fcfg, meta=meta, biases=biases)
     return CheckpointResult(out=out, experts=list(cfg.names), top_k=src.top_k, top_k_before=None, shards=shards,
                             total_bytes=sum(it.spec.nbytes for it in items), anchor_fingerprint=fingerprint,

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from flexmoe.anchor.meta import AnchorResult
-    from flexmoe.checkpoint.adopt import ImportResult
     from flexmoe.checkpoint.inspection import InspectResult
-    from flexmoe.checkpoint.surgery import CheckpointResult, ExtractResult
+    from flexmoe.checkpoint.surgery import CheckpointResult, PackageResult
     from flexmoe.checkpoint.verify import VerifyResult
     from flexmoe.config import (AddConfig, AdoptConfig, EmbedConfig, EvalConfig, ExpertSpec, ExtractConfig,
                                 ExtractionConfig, GenerateConfig, ImportExpertConfig, InitAnchorConfig, MergeConfig,
@@ -91,7 +90,7 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
     return run(cfg, out, overwrite=overwrite, progress=progress)
 
 
-def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> ExtractResult:
+def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PackageResult:
     """Write one expert of a merged checkpoint back out as an expert package."""
     from flexmoe.checkpoint.surgery import extract as run
 
@@ -106,7 +105,7 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
 
 
 def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool = False,
-                  progress: bool = True) -> ImportResult:
+                  progress: bool = True) -> PackageResult:
     """A 2-expert `FlexOlmoForCausalLM` built on `cfg.anchor` (e.g. Flex-math-2x7B) as an expert package."""
     from flexmoe.checkpoint.adopt import import_expert as run
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flexmoe import __version__
-from flexmoe.checkpoint.surgery import (CheckpointResult, _built, _copy, _output, _refuse_input_as_output, _stream)
+from flexmoe.checkpoint.surgery import (CheckpointResult, PackageResult, _built, _copy, _output, _refuse_input_as_output,
+                                       _stream)
 from flexmoe.config import AdoptConfig, ImportExpertConfig, parse_size
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
 from flexmoe.io import hf_config, manifest
@@ -167,19 +168,6 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
 
 # ---------------------------------------------------------------- import-expert
 
-@dataclass
-class ImportResult:
-    out: Path
-    name: str
-    num_layers: int
-    total_bytes: int
-    anchor_fingerprint: str
-    seconds: float
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "out": str(self.out)}
-
-
 def _first_difference(src: FlexSource, areader: LazyReader) -> str:
     """The first anchor tensor (in canonical order) that the source's anchor view does not reproduce."""
     src_names = {}
@@ -208,7 +196,7 @@ def _first_difference(src: FlexSource, areader: LazyReader) -> str:
 
 
 def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool = False,
-                  progress: bool = True) -> ImportResult:
+                  progress: bool = True) -> PackageResult:
     """A 2-expert `FlexOlmoForCausalLM` (expert 0 = the anchor's public FFN, expert 1 = a domain's) -> an expert
     package of `cfg.anchor`: experts.1 -> the owner FFN, router row 1 -> its row, bias 0 ("none in source")."""
     t0 = time.perf_counter()
@@ -263,5 +251,5 @@ def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool =
                     it.emit(w)
                 w.finalize()
             dump_json(tmp / PACKAGE_CARD, card)
-    return ImportResult(out=out, name=cfg.name, num_layers=layers, total_bytes=sum(it.spec.nbytes for it in items),
+    return PackageResult(out=out, name=cfg.name, num_layers=layers, total_bytes=sum(it.spec.nbytes for it in items),
                         anchor_fingerprint=anchor.meta.fingerprint, seconds=time.perf_counter() - t0)

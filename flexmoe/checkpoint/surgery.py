@@ -62,7 +62,9 @@ class CheckpointResult:
 
 
 @dataclass
-class ExtractResult:
+class PackageResult:
+    """What extract / import-expert wrote: one expert package."""
+
     out: Path
     name: str
     num_layers: int
@@ -362,7 +364,7 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
                      biases=m.biases[:, keep].contiguous(), top_k=top_k, desc="remove", notes=notes, t0=t0)
 
 
-def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> ExtractResult:
+def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> PackageResult:
     """Give back one expert as a package: FFN, router row and bias exactly as merged, and the owner's card."""
     t0 = time.perf_counter()
     merged_dir, name = Path(cfg.merged), cfg.expert
@@ -393,5 +395,5 @@ def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, pro
             dump_json(tmp / PACKAGE_CARD, {**entry["card"], **tuned})  # the row and bias say which they are
     finally:
         m.close()
-    return ExtractResult(out=out, name=name, num_layers=m.num_layers, total_bytes=sum(s.nbytes for s in specs),
+    return PackageResult(out=out, name=name, num_layers=m.num_layers, total_bytes=sum(s.nbytes for s in specs),
                          anchor_fingerprint=m.meta["anchor_fingerprint"], seconds=time.perf_counter() - t0)

@@ -23,8 +23,11 @@ from flexmoe.config import EVAL_TASKS, ExpertsKernel
 @click.option("--no-bias", is_flag=True, help="Load a merged checkpoint with stock transformers (no expert bias).")
 @click.option("--top-k", metavar="K|all", help="Route each token to K experts (MoE models only).")
 @click.option("--max-bytes", metavar="N", help="Score at most N bytes of text per domain (e.g. 2MB). Default: all.")
-@click.option("--seq-len", type=int, help="Predictions per window. Default: the model's context (at most 2048).")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--seq-len", type=int,
+              help="Predictions per window. Default: the model's context (at most 2048). With --tasks also the "
+                   "longest request lm-eval builds (default: the model's context).")
+@click.option("--batch-size", default=8, show_default=True,
+              help="Windows (--data) or lm-eval requests (--tasks) per forward pass.")
 @o.device
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the forward passes.")
 @click.option("--experts-impl", type=click.Choice([k.value for k in ExpertsKernel]),

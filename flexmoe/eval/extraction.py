@@ -229,7 +229,7 @@ def audit_extraction(cfg: ExtractionConfig, out: Path | None, *, overwrite: bool
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the model only "
                               f"{model.config.vocab_size}")
-    fast = cfg.fast and kind == hf_config.MOE and device.type == "cuda"
+    fast = cfg.fast and hf_config.is_moe(kind) and device.type == "cuda"
     prefixes = torch.tensor([token_lists[d][o: o + cfg.prefix_len] for d, o in picks], dtype=torch.long)  # (N, P)
     eos = model.generation_config.eos_token_id
     if eos is None:

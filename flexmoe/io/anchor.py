@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import CheckpointError, ConfigError
-from flexmoe.io import families, hf_config, manifest
+from flexmoe.io import hf_config, manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
@@ -111,8 +111,8 @@ def read_anchor(path: str | Path) -> Anchor:
     path = Path(path)
     model_type = read_json(path / "config.json", "model directory").get("model_type")
     if not (hf_config.is_dense(model_type) or hf_config.is_moe(model_type)):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not an anchor of a known family "
-                              f"(expected one of {', '.join(map(repr, families.FAMILIES))})")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not {hf_config.names(hf_config.DENSE)}, "
+                              "the anchors flexmoe knows")
     meta_file = path / ANCHOR_META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")

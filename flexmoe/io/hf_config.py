@@ -17,7 +17,8 @@ MOE = "moe"  # a merged / expert model (FlexOlmoForCausalLM, Qwen3MoeForCausalLM
 _LOOKUP = {DENSE: families.of_dense, MOE: families.of_moe}
 
 
-def _names(kind: str) -> str:
+def names(kind: str) -> str:
+    """'an OLMo-2 model or a Qwen3 model ('olmo2' or 'qwen3')' for `DENSE`; the MoE ones for `MOE`."""
     fams = families.FAMILIES.values()
     labels = [f.label if kind == DENSE else f.moe_label for f in fams]
     types = [f.dense_type if kind == DENSE else f.moe_type for f in fams]
@@ -50,7 +51,7 @@ def family(config: dict) -> Family:
     """The anchor family of a dense or MoE config.json (a `CheckpointError` for any other model_type)."""
     fam = families.of_any(config.get("model_type"))
     if fam is None:
-        raise CheckpointError(f"model_type {config.get('model_type')!r} is not {_names(DENSE)} nor {_names(MOE)}")
+        raise CheckpointError(f"model_type {config.get('model_type')!r} is not {names(DENSE)} nor {names(MOE)}")
     return fam
 
 
@@ -59,5 +60,5 @@ def require(path: str | Path, expected: str, why: str) -> dict:
     `CheckpointError` ending with `why` (what the folder should have been)."""
     config = read_config(path)
     if _LOOKUP[expected](config.get("model_type")) is None:
-        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not {_names(expected)}; {why}")
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not {names(expected)}; {why}")
     return config

@@ -14,7 +14,7 @@ from flexmoe.data import load_documents, load_tokenizer, pack
 from flexmoe.errors import ConfigError, DataError
 from flexmoe.expert.upcycle import (anchor_dtype, expert_skeleton, export_dense_package_tensors,
                                     export_package_tensors, fill_expert_, load_dense, project_biases_)
-from flexmoe.io import families, hf_config
+from flexmoe.io import hf_config
 from flexmoe.io.anchor import Anchor, read_anchor
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.package import PACKAGE_CARD, PACKAGE_TENSORS, ExpertCard, validate_expert_name, write_package
@@ -37,9 +37,7 @@ def dense_anchor(path: Path) -> Anchor:
     anchor = read_anchor(path)
     config = hf_config.require(anchor.path, hf_config.DENSE, "experts are trained against the dense anchor, not a "
                                                              "merged checkpoint")
-    if hf_config.family(config) is not families.OLMO2:
-        raise ConfigError(f"{anchor.path}: train-expert supports OLMo-2 anchors only so far, not "
-                          f"{hf_config.family(config).label} (merge / add / remove / load_model do support it)")
+    hf_config.family(config)  # a known anchor family (flexmoe.io.families)
     return anchor
 
 

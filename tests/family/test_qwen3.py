@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from flexmoe.checkpoint import surgery
 from flexmoe.checkpoint.load import load_model
 from flexmoe.config import AddConfig, InitAnchorConfig, MergeConfig, RemoveConfig
-from flexmoe.errors import ConfigError
 from flexmoe.io import families, hf_config, keys
 from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.io.reader import LazyReader
@@ -138,9 +137,3 @@ def test_qwen3_remove_and_add_round_trips_are_byte_exact(qwen, tmp_path):
     surgery.add(AddConfig(tmp_path / "ab", p["law"], shard_size="150KB"), tmp_path / "ab+c", progress=False)
     same_folder(tmp_path / "ab+c", tmp_path / "abc2")
 
-
-def test_train_expert_refuses_a_qwen3_anchor_for_now(qwen):
-    from flexmoe.expert.train import dense_anchor
-
-    with pytest.raises(ConfigError, match="OLMo-2 anchors only"):
-        dense_anchor(qwen[0])

@@ -2,8 +2,9 @@
 
 The model is the anchor family's stock MoE class (`FlexOlmoForCausalLM`, `Qwen3MoeForCausalLM`; 2 experts,
 top-k = train_top_k, no top-k renormalisation) whose shared tensors are the anchor's, with every layer's `mlp`
-replaced by `ExpertMoEBlock`: the same function as the merged checkpoint's MoE layer, but with the public and owner halves in separate tensors so the public half
-is frozen with `requires_grad=False` and gets no optimizer state.
+replaced by `ExpertMoEBlock`: the same function as the merged checkpoint's MoE layer, but with the public and
+owner halves in separate tensors so the public half is frozen with `requires_grad=False` and gets no optimizer
+state.
 """
 
 from __future__ import annotations

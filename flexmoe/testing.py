@@ -39,6 +39,33 @@ def save_random_olmo2(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     return out
 
 
+def tiny_qwen3_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
+                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256):
+    """A 2-layer Qwen3 config (grouped-query attention, per-head q/k norms) that runs in milliseconds on CPU."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings, pad_token_id=1,
+        eos_token_id=0, bos_token_id=None, tie_word_embeddings=False,
+    )
+
+
+def save_random_qwen3(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> Path:
+    """Save a random dense `Qwen3ForCausalLM` (no tokenizer) with `save_pretrained`."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(**config_kwargs)).to(dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
+
+
+_DENSE_BUILDERS = {"olmo2": (save_random_olmo2, tiny_olmo2_config), "qwen3": (save_random_qwen3, tiny_qwen3_config)}
+
+
 def build_random_embedder(out_dir: str | Path, *, dim: int = 32, seed: int = 0, max_seq_length: int = 128) -> Path:
     """Save a random 2-layer BERT with mean pooling as a sentence-transformers folder.
 
@@ -93,16 +120,18 @@ def save_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
 
 
 def build_random_anchor(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                        tokenizer: bool = True, **config_kwargs) -> Path:
-    """A complete flexmoe anchor (random dense OLMo-2 + `flexmoe_anchor.json` + `flexmoe_router.safetensors`).
+                        tokenizer: bool = True, family: str = "olmo2", **config_kwargs) -> Path:
+    """A complete flexmoe anchor (random dense OLMo-2, or `family="qwen3"` Qwen3, + `flexmoe_anchor.json` +
+    `flexmoe_router.safetensors`).
 
     Built without any training code: the fingerprint is computed from the saved tensors and r_pub is random.
     """
     from flexmoe.io.anchor import AnchorMeta, write_anchor_files
     from flexmoe.io.fingerprint import anchor_fingerprint
 
-    out = save_random_olmo2(out_dir, seed=seed, dtype=dtype, **config_kwargs)
-    cfg = tiny_olmo2_config(**config_kwargs)
+    save, tiny_config = _DENSE_BUILDERS[family]
+    out = save(out_dir, seed=seed, dtype=dtype, **config_kwargs)
+    cfg = tiny_config(**config_kwargs)
     if tokenizer:
         save_tiny_tokenizer(out, vocab_size=cfg.vocab_size)
     g = torch.Generator().manual_seed(10_000 + seed)

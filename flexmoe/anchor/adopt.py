@@ -27,7 +27,7 @@ def init_anchor(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: 
         return init_anchor_from_moe(cfg, out, overwrite=overwrite, progress=progress)
     out = check_output(out, overwrite)
     src = Path(cfg.model)
-    config = hf_config.require(src, hf_config.DENSE, "adopt an Olmo2ForCausalLM directory")
+    config = hf_config.require(src, hf_config.DENSE, "adopt a dense Olmo2ForCausalLM or Qwen3ForCausalLM directory")
     files = model_files(src)
     tokenizer = load_tokenizer(cfg.tokenizer or src, "tokenizer of" if cfg.tokenizer is None else "tokenizer")
     rows = check_public_source(cfg.embedder, cfg.public_row)
@@ -49,10 +49,6 @@ def init_anchor(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: 
             tokenizer.save_pretrained(str(tmp))
         fingerprint = write_meta(tmp, config=config, dtype=dtype, public=public, docs=docs)
     return AnchorResult(path=out, fingerprint=fingerprint, num_params=num_params)
-
-
-# Keys of a FlexOlmo config.json that a dense Olmo2 config does not have.
-_MOE_KEYS = ("num_experts", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef", "output_router_logits")
 
 
 def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, progress: bool) -> AnchorResult:
@@ -88,8 +84,7 @@ def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, p
                                       "has one public router row for every layer, so this model cannot be one "
                                       "(use `flexmoe adopt` to work with it as a merged checkpoint)")
         r_pub = row0.float()
-        config = {k: v for k, v in src.config.items() if k not in _MOE_KEYS}
-        config.update(model_type=hf_config.DENSE, architectures=["Olmo2ForCausalLM"])
+        config = hf_config.family(src.config).dense_config(src.config)
         tokenizer = load_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer is not None else None
         dtype = DType.of_safetensors(src.dtype)
         with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:

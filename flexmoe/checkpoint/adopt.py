@@ -28,7 +28,7 @@ from flexmoe.io.atomic import check_output
 from flexmoe.io.fingerprint import merged_anchor_fingerprint
 from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, is_shared, natural_order, package_bias_key,
                              package_row_key, parse_expert_key, parse_router_key, router_key)
-from flexmoe.io.merged import MERGED_META, NO_SHARD_LIMIT, dump_json, flex_olmo_config, merged_meta, write_merged_files
+from flexmoe.io.merged import MERGED_META, NO_SHARD_LIMIT, dump_json, moe_config, merged_meta, write_merged_files
 from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, ExpertCard, package_keys,
                                validate_expert_name)
 from flexmoe.io.reader import LazyReader, model_files
@@ -155,7 +155,7 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
         meta = merged_meta(fingerprint, src.top_k, src.top_k, experts)
         items = [_copy(k, src.reader, k) for k in src.reader.keys()]
         biases = torch.zeros(src.num_layers, src.num_experts)
-        fcfg = flex_olmo_config(src.config, src.num_experts, src.top_k)
+        fcfg = moe_config(src.config, src.num_experts, src.top_k)
         with _output(out, overwrite) as tmp:
             shards = _stream(tmp, items, sources=[src.reader], max_shard_bytes=max_shard, prefix="model",
                              progress=progress, desc="adopt")

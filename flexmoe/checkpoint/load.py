@@ -1,4 +1,5 @@
-"""Load a merged checkpoint with its expert biases: stock `FlexOlmoForCausalLM` + `BiasedTopKRouter` swaps."""
+"""Load a merged checkpoint with its expert biases: the stock MoE class of its anchor family (`FlexOlmoForCausalLM`,
+`Qwen3MoeForCausalLM`) + biased-router swaps (`flexmoe.router.biased.BIASED_ROUTERS`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from safetensors import SafetensorError
 
 from flexmoe.errors import CheckpointError
 from flexmoe.checkpoint.verify import check_files
+from flexmoe.io import families, hf_config
 from flexmoe.io.merged import BIAS_FILE
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import router_bias_key
@@ -29,17 +31,20 @@ def read_biases(model_dir: str | Path, num_layers: int, num_experts: int) -> tor
 
 
 def apply_expert_bias(model, biases: torch.Tensor | None) -> None:
-    """Swap every layer's `mlp.gate` for a `BiasedTopKRouter` that shares its weight; biases: (L, E) or None (zeros)."""
-    from flexmoe.router.biased import BiasedTopKRouter
+    """Swap every layer's `mlp.gate` for the biased router of the model's family (`BiasedTopKRouter` for FlexOlmo)
+    that shares its weight; biases: (L, E) or None (zeros)."""
+    from flexmoe.router.biased import BIASED_ROUTERS, BiasedTopKRouter
 
+    biased = BIASED_ROUTERS.get(model.config.model_type, BiasedTopKRouter)
     for layer, block in enumerate(model.model.layers):
         bias = None if biases is None else biases[layer]
-        block.mlp.gate = BiasedTopKRouter.replacing(block.mlp.gate, model.config, bias)
+        block.mlp.gate = biased.replacing(block.mlp.gate, model.config, bias)
 
 
 def load_model(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                experts_implementation: str | None = None, apply_bias: bool = True):
-    """Load a merged `flex_olmo` folder as `FlexOlmoForCausalLM`, with the flexmoe expert biases applied.
+    """Load a merged folder as its family's stock MoE class (`flex_olmo`: `FlexOlmoForCausalLM`, `qwen3_moe`:
+    `Qwen3MoeForCausalLM`), with the flexmoe expert biases applied.
 
     Args:
         dtype: parameter dtype; None keeps the checkpoint's (`dtype="auto"`).
@@ -47,17 +52,19 @@ def load_model(model_dir: str | Path, *, dtype: torch.dtype | str | None = None,
         experts_implementation: transformers' experts kernel: "eager", "batched_mm" or "grouped_mm".
         apply_bias: False gives exactly what stock `from_pretrained` gives.
     """
-    from transformers import FlexOlmoForCausalLM
+    import transformers
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir}: not a model directory (no config.json)")
+    family = families.of_moe(hf_config.read_config(model_dir).get("model_type")) or families.OLMO2
+    model_class = getattr(transformers, family.moe_class)
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
     check_files(model_dir)
     try:
-        model = FlexOlmoForCausalLM.from_pretrained(model_dir, **kwargs)
+        model = model_class.from_pretrained(model_dir, **kwargs)
     except SafetensorError as e:  # a damaged folder written before manifests existed
         raise CheckpointError(f"{model_dir}: cannot read its weights ({e}); re-copy it from its source") from e
     if apply_bias:

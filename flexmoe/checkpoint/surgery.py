@@ -31,7 +31,7 @@ from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.merged import BIAS_FILE  # noqa: F401  (re-exported: the sidecar's name)
 from flexmoe.io.merged import (DEFAULT_TOP_K, MERGED_META, NO_SHARD_LIMIT, ROUTER_TUNING, Merged, dump_json,
-                               flex_olmo_config, merged_meta, read_json, read_merged, write_merged_files)
+                               moe_config, merged_meta, read_json, read_merged, write_merged_files)
 from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, ExpertPackage, package_keys,
                                 read_package, validate_expert_name)
 from flexmoe.io.reader import LazyReader
@@ -250,7 +250,7 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
         biases = torch.stack([torch.zeros(num_layers)] + [p.biases() for p in pkgs], dim=1)
         meta = merged_meta(fingerprint, top_k, cfg.top_k,
                             [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": p.raw_card()} for p in pkgs])
-        fcfg = flex_olmo_config(acfg, num_experts, top_k)
+        fcfg = moe_config(acfg, num_experts, top_k)
         with _output(out, overwrite) as tmp:
             shards = _stream(tmp, items, sources=[areader, *(p.reader for p in pkgs)], max_shard_bytes=max_shard,
                              prefix="model", progress=progress, desc="merge")
@@ -268,7 +268,7 @@ def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: boo
     """Shared tail of add/remove: write the planned tensors and the re-derived metadata files."""
     requested = cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested")
     meta = merged_meta(m.meta["anchor_fingerprint"], top_k, requested, experts)
-    fcfg = flex_olmo_config(m.config, len(experts), top_k)
+    fcfg = moe_config(m.config, len(experts), top_k)
     with _output(out, overwrite) as tmp:
         shards = _stream(tmp, items, sources=sources, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
                          progress=progress, desc=desc)

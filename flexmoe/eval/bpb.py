@@ -174,9 +174,9 @@ def load_causal_lm(path: str | Path, *, bias: bool = True, device: str | torch.d
 
     kind = hf_config.model_type(path)
     device = torch.device(device) if isinstance(device, str) else device
-    impl = {"experts_implementation": experts_implementation} if kind == hf_config.MOE and experts_implementation else {}
+    impl = {"experts_implementation": experts_implementation} if hf_config.is_moe(kind) and experts_implementation else {}
     try:
-        if kind == hf_config.MOE and bias:
+        if hf_config.is_moe(kind) and bias:
             from flexmoe.checkpoint.load import load_model
 
             model = load_model(path, dtype=torch.float32, device=device, **impl)  # checks the files itself

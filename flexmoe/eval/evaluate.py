@@ -51,7 +51,7 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
         name = "ensemble(" + ", ".join(str(p) for p in paths) + ")"
     else:
         # Clear errors before anything is loaded: a missing directory, --top-k on a dense model.
-        if hf_config.model_type(cfg.model) != hf_config.MOE and cfg.top_k is not None:
+        if not hf_config.is_moe(hf_config.model_type(cfg.model)) and cfg.top_k is not None:
             raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         lm = B.load_causal_lm(cfg.model, bias=cfg.bias, device=device,

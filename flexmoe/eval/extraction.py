@@ -36,7 +36,7 @@ from flexmoe.data import load_tokenizer
 from flexmoe.errors import CheckpointError, ConfigError, DataError
 from flexmoe.eval import bpb as B
 from flexmoe.eval.evaluate import versions
-from flexmoe.io import hf_config
+from flexmoe.io import families, hf_config
 
 PAPER_SIMILARITY = 0.9  # normalised Levenshtein similarity that the paper counts as extracted
 CONFIDENCE = 0.95
@@ -229,7 +229,7 @@ def audit_extraction(cfg: ExtractionConfig, out: Path | None, *, overwrite: bool
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the model only "
                               f"{model.config.vocab_size}")
-    fast = cfg.fast and kind == hf_config.MOE and device.type == "cuda"
+    fast = cfg.fast and kind == families.OLMO2.moe_type and device.type == "cuda"  # the kernel knows FlexOlmo only
     prefixes = torch.tensor([token_lists[d][o: o + cfg.prefix_len] for d, o in picks], dtype=torch.long)  # (N, P)
     eos = model.generation_config.eos_token_id
     if eos is None:

@@ -35,8 +35,9 @@ class ExpertResult:
 def dense_anchor(path: Path) -> Anchor:
     """A flexmoe anchor that is a dense OLMo-2 model (not a merged checkpoint)."""
     anchor = read_anchor(path)
-    hf_config.require(anchor.path, hf_config.DENSE, "experts are trained against the dense anchor, not a merged "
-                                                    "checkpoint")
+    config = hf_config.require(anchor.path, hf_config.DENSE, "experts are trained against the dense anchor, not a "
+                                                             "merged checkpoint")
+    hf_config.family(config)  # a known anchor family (flexmoe.io.families)
     return anchor
 
 

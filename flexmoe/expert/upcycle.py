@@ -1,9 +1,10 @@
 """Upcycle a dense anchor into the 2-expert model one data owner trains (FLEXOLMO.md §2).
 
-The model is a stock `FlexOlmoForCausalLM` (2 experts, top-k = train_top_k, no top-k renormalisation) whose
-shared tensors are the anchor's, with every layer's `mlp` replaced by `ExpertMoEBlock`: the same function as
-the merged checkpoint's MoE layer, but with the public and owner halves in separate tensors so the public half
-is frozen with `requires_grad=False` and gets no optimizer state.
+The model is the anchor family's stock MoE class (`FlexOlmoForCausalLM`, `Qwen3MoeForCausalLM`; 2 experts,
+top-k = train_top_k, no top-k renormalisation) whose shared tensors are the anchor's, with every layer's `mlp`
+replaced by `ExpertMoEBlock`: the same function as the merged checkpoint's MoE layer, but with the public and
+owner halves in separate tensors so the public half is frozen with `requires_grad=False` and gets no optimizer
+state.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.errors import CheckpointError
+from flexmoe.io import families, hf_config
 from flexmoe.io.anchor import Anchor
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import dense_ffn_key, is_matmul_weight, is_shared, package_bias_key, package_row_key
@@ -158,6 +160,22 @@ def flex_config(olmo2_config, top_k: int):
                           output_router_logits=False, use_cache=False)
 
 
+def training_config(anchor: Anchor, top_k: int):
+    """The 2-expert MoE config of the anchor's family: OLMo-2 → `flex_config`; another family (Qwen3) → its MoE
+    config.json translation (`flexmoe.io.families`) with 2 experts. In a pre-norm family (Qwen3) the MoE block,
+    and so the router, reads the RMS-normalised residual (post_attention_layernorm's output); in OLMo-2 the raw one."""
+    from transformers import AutoConfig, Olmo2Config
+
+    family = hf_config.family(hf_config.read_config(anchor.path))
+    if family is families.OLMO2:
+        return family, flex_config(Olmo2Config.from_pretrained(anchor.path), top_k)
+    cfg = family.moe_config(hf_config.read_config(anchor.path), 2, top_k)
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    cfg.update(output_router_logits=False, use_cache=False)
+    return family, AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
 def anchor_dtype(anchor: Anchor) -> torch.dtype:
     try:
         return DTYPES[anchor.meta.dtype]
@@ -179,13 +197,13 @@ def expert_skeleton(anchor: Anchor, *, top_k: int = 2, dtype: torch.dtype = torc
             public FFN), default `dtype`. bf16 training passes bf16: autocast would cast them at every use anyway,
             and holding them so from the start halves the model's memory.
     """
-    from transformers import FlexOlmoForCausalLM, Olmo2Config
+    import transformers
 
     held = frozen_dtype or dtype
-    config = flex_config(Olmo2Config.from_pretrained(anchor.path), top_k)
+    family, config = training_config(anchor, top_k)
     hidden, inter = config.hidden_size, config.intermediate_size
     with torch.device("meta"):
-        model = FlexOlmoForCausalLM(config)
+        model = getattr(transformers, family.moe_class)(config)
         tied = bool(config.tie_word_embeddings)  # then the LM head is the (looked-up) embedding
         for name, p in model.named_parameters():
             p.data = p.data.to(held if is_matmul_weight(name) and not (tied and name == "lm_head.weight") else dtype)
@@ -228,7 +246,7 @@ def fill_expert_(model, anchor: Anchor, owner_row: torch.Tensor,
         for key in reader.keys():
             if is_shared(key) and not (tied and key == "lm_head.weight"):
                 if key not in params:
-                    raise CheckpointError(f"{anchor.path}: tensor {key!r} has no place in an OLMo-2 model")
+                    raise CheckpointError(f"{anchor.path}: tensor {key!r} has no place in a {type(model).__name__}")
                 fill(key, reader.get(key))
         for i, _ in enumerate(expert_blocks(model)):
             gate, up, down = (reader.get(dense_ffn_key(i, p)) for p in ("gate_proj", "up_proj", "down_proj"))
@@ -284,10 +302,12 @@ def export_package_tensors(model, dtype: torch.dtype) -> dict[str, torch.Tensor]
 
 
 def load_dense(anchor: Anchor, dtype: torch.dtype = torch.float32):
-    """The anchor as a plain `Olmo2ForCausalLM`, every parameter trainable (the no-coordination baseline)."""
-    from transformers import Olmo2ForCausalLM
+    """The anchor as its plain dense class (`Olmo2ForCausalLM`, `Qwen3ForCausalLM`), every parameter trainable (the
+    no-coordination baseline)."""
+    import transformers
 
-    return Olmo2ForCausalLM.from_pretrained(anchor.path, dtype=dtype)
+    family = hf_config.family(hf_config.read_config(anchor.path))
+    return getattr(transformers, family.dense_class).from_pretrained(anchor.path, dtype=dtype)
 
 
 def export_dense_package_tensors(model, owner_row: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -35,13 +35,13 @@ class GenerateResult:
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.checkpoint.load import load_model
     from flexmoe.data import load_tokenizer
-    from flexmoe.io import hf_config
+    from flexmoe.io import families, hf_config
 
     device = cfg.device.torch()
     dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
     kind = hf_config.model_type(cfg.model)  # a clear error for a missing directory before anything loads
     tokenizer = load_tokenizer(cfg.model)
-    if kind == hf_config.MOE:
+    if hf_config.is_moe(kind):
         model = load_model(cfg.model, dtype=dtype, device=device, apply_bias=cfg.bias)
     else:  # a dense anchor: the static-cache decoder works for it too (it has no experts to swap)
         from transformers import AutoModelForCausalLM
@@ -53,7 +53,8 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     eos = model.generation_config.eos_token_id
     if cfg.fast:
-        decoder = enable_fast_path(model) if kind == hf_config.MOE else FastDecoder(model.eval())
+        # flexmoe's experts kernel knows FlexOlmo's experts only; other families decode with their stock forward
+        decoder = enable_fast_path(model) if kind == families.OLMO2.moe_type else FastDecoder(model.eval())
         out = decoder.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
         seqs, prefill_s, decode_s = out.sequences, out.prefill_s, out.decode_s
     else:

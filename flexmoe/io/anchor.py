@@ -110,14 +110,15 @@ def read_anchor(path: str | Path) -> Anchor:
     """Load an anchor's flexmoe metadata. Raises `CheckpointError` if `path` is not a flexmoe anchor."""
     path = Path(path)
     model_type = read_json(path / "config.json", "model directory").get("model_type")
-    if model_type not in (hf_config.DENSE, hf_config.MOE):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not an OLMo-2 anchor (expected 'olmo2')")
+    if not (hf_config.is_dense(model_type) or hf_config.is_moe(model_type)):
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not {hf_config.names(hf_config.DENSE)}, "
+                              "the anchors flexmoe knows")
     meta_file = path / ANCHOR_META
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: no {ANCHOR_META}; adopt the model first with `flexmoe init-anchor`")
     data = read_json(meta_file, "flexmoe anchor", FORMAT, label="anchor metadata")
     listed = None
-    if model_type == hf_config.DENSE:  # a merged folder carries the anchor's metadata file, not the anchor's files
+    if hf_config.is_dense(model_type):  # a merged folder carries the anchor's metadata file, not the anchor's files
         listed = manifest.check(path, data, ANCHOR_META, remake=ANCHOR_REMAKE, hashed=manifest.small_files(data))
     try:
         meta = AnchorMeta.from_json(data)

@@ -1,9 +1,9 @@
 """The one source of truth for state-dict names.
 
 Three layouts share these names (see docs/FORMAT.md):
-- anchor  (dense `Olmo2ForCausalLM` on disk):  model.layers.{L}.mlp.{gate,up,down}_proj.weight
+- anchor  (dense `Olmo2ForCausalLM` / `Qwen3ForCausalLM` on disk):  model.layers.{L}.mlp.{gate,up,down}_proj.weight
 - package (one expert, `expert.safetensors`):   same FFN names as the anchor, plus the router row and bias
-- merged  (`FlexOlmoForCausalLM` on disk):       model.layers.{L}.mlp.experts.{e}.{proj}.weight, mlp.gate.weight
+- merged  (`FlexOlmoForCausalLM` / `Qwen3MoeForCausalLM`): model.layers.{L}.mlp.experts.{e}.{proj}.weight, mlp.gate.weight
 Everything that is not an FFN or router tensor is *shared* and must be bit-identical everywhere.
 """
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 import re
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
+DENSE_FFN_TEMPLATE = "model.layers.{layer}.mlp.{proj}.weight"
+EXPERT_FFN_TEMPLATE = "model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+ROUTER_TEMPLATE = "model.layers.{layer}.mlp.gate.weight"
 
 _DENSE_FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -22,17 +25,17 @@ _PKG_BIAS = re.compile(r"^model\.layers\.(\d+)\.mlp\.router\.bias$")
 
 def dense_ffn_key(layer: int, proj: str) -> str:
     """Anchor (and expert package) FFN weight name."""
-    return f"model.layers.{layer}.mlp.{proj}.weight"
+    return DENSE_FFN_TEMPLATE.format(layer=layer, proj=proj)
 
 
 def expert_key(layer: int, expert: int, proj: str) -> str:
     """Merged-checkpoint FFN weight of expert `expert` (0 = public)."""
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+    return EXPERT_FFN_TEMPLATE.format(layer=layer, expert=expert, proj=proj)
 
 
 def router_key(layer: int) -> str:
     """Merged-checkpoint router weight, shape (E, hidden)."""
-    return f"model.layers.{layer}.mlp.gate.weight"
+    return ROUTER_TEMPLATE.format(layer=layer)
 
 
 def router_bias_key(layer: int) -> str:

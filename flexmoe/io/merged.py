@@ -59,12 +59,10 @@ def write_biases(out_dir: Path, biases: torch.Tensor) -> None:
         w.finalize()
 
 
-def flex_olmo_config(base: dict, num_experts: int, top_k: int) -> dict:
-    """An Olmo2 (or FlexOlmo) config.json turned into a FlexOlmo one; every other key is kept as is."""
-    cfg = dict(base)
-    cfg.update(model_type=hf_config.MOE, architectures=["FlexOlmoForCausalLM"], num_experts=num_experts,
-               num_experts_per_tok=top_k, norm_topk_prob=False)
-    return cfg
+def moe_config(base: dict, num_experts: int, top_k: int) -> dict:
+    """A dense (or MoE) config.json turned into its family's MoE one (Olmo2 / FlexOlmo -> FlexOlmo, Qwen3 /
+    Qwen3-MoE -> Qwen3-MoE); every other key is kept as is."""
+    return hf_config.family(base).moe_config(base, num_experts, top_k)
 
 
 def merged_meta(fingerprint: str, top_k: int, requested: int | None, experts: list[dict]) -> dict:

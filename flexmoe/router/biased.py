@@ -1,4 +1,5 @@
-"""The FlexOlmo expert bias as a small subclass of transformers' `FlexOlmoTopKRouter`.
+"""The FlexOlmo expert bias as a small subclass of transformers' `FlexOlmoTopKRouter` (and, for Qwen3 anchors, of
+`Qwen3MoeTopKRouter`, which computes the same softmax-then-top-k).
 
 Stock transformers' router has no bias slot, and the bias cannot be folded into the router weight because the
 router reads the un-normalised residual stream. So merged checkpoints keep the biases in a sidecar file that stock
@@ -11,16 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 
-class BiasedTopKRouter(FlexOlmoTopKRouter):
-    """Identical to `FlexOlmoTopKRouter` except: `logits[:, e] += min(expert_bias[e], 0)` before the softmax.
-
-    The clamp keeps the bias a pure penalty (FlexOlmo §3: an expert may only be pushed away from tokens far
-    from its domain). With all biases >= 0 it computes exactly what the stock router computes.
-    Returns the same triple as the parent: (router_logits (T, E) biased, router_scores (T, k), router_indices (T, k)).
-    Subclasses that route differently override `logits` only (router tuning: `flexmoe.router.tune.TunableRouter`).
-    """
+class _Biased:
+    """The expert bias, mixed in before a stock top-k router class (its `__init__(config)`, `weight`, `top_k`,
+    `num_experts`, `norm_topk_prob`, `hidden_dim`)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -41,7 +38,7 @@ class BiasedTopKRouter(FlexOlmoTopKRouter):
         return router_logits, router_top_value.to(router_logits.dtype), router_indices
 
     @classmethod
-    def replacing(cls, router: FlexOlmoTopKRouter, config, bias: torch.Tensor | None = None) -> "BiasedTopKRouter":
+    def replacing(cls, router: FlexOlmoTopKRouter | Qwen3MoeTopKRouter, config, bias: torch.Tensor | None = None):
         """A biased router sharing `router.weight` (the same Parameter object) and its top-k settings.
 
         Args:
@@ -55,3 +52,22 @@ class BiasedTopKRouter(FlexOlmoTopKRouter):
             raise ValueError(f"expert_bias must have shape ({new.num_experts},), got {tuple(b.shape)}")
         new.expert_bias = nn.Parameter(b.to(router.weight.device).clone())
         return new
+
+
+class BiasedTopKRouter(_Biased, FlexOlmoTopKRouter):
+    """Identical to `FlexOlmoTopKRouter` except: `logits[:, e] += min(expert_bias[e], 0)` before the softmax.
+
+    The clamp keeps the bias a pure penalty (FlexOlmo §3: an expert may only be pushed away from tokens far
+    from its domain). With all biases >= 0 it computes exactly what the stock router computes.
+    Returns the same triple as the parent: (router_logits (T, E) biased, router_scores (T, k), router_indices (T, k)).
+    Subclasses that route differently override `logits` only (router tuning: `flexmoe.router.tune.TunableRouter`).
+    """
+
+
+class BiasedQwen3MoeTopKRouter(_Biased, Qwen3MoeTopKRouter):
+    """`BiasedTopKRouter` for a `Qwen3MoeForCausalLM` (an instance of the stock `Qwen3MoeTopKRouter`, so transformers'
+    router-logit recorder still finds it). It reads the post-attention RMS-normalised residual (pre-norm block)."""
+
+
+# The biased router of each anchor family's MoE model_type (flexmoe.io.families).
+BIASED_ROUTERS = {"flex_olmo": BiasedTopKRouter, "qwen3_moe": BiasedQwen3MoeTopKRouter}

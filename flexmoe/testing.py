@@ -390,3 +390,31 @@ def save_flex_olmo_on_anchor(out_dir: str | Path, anchor: str | Path, *, seed: i
             rows = [r_pub] + [torch.randn(r_pub.shape, generator=g) * row_std for _ in range(num_experts - 1)]
             mlp.gate.weight.copy_(torch.stack(rows).to(dtype))
     return _save_stock(model, Path(out_dir), dtype, max_shard_size)
+
+
+def stock_load(path: str | Path, capfd):
+    """Stock `AutoModelForCausalLM.from_pretrained(path)` in eval mode, and everything transformers said while
+    loading (its logger, stdout and stderr via pytest's `capfd`), lower-cased."""
+    import io
+    import logging
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logger = transformers.logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        logger.removeHandler(handler)
+    out, err = capfd.readouterr()
+    return model.eval(), (buf.getvalue() + out + err).lower()
+
+
+def stock_loads_clean(path: str | Path, capfd):
+    """`stock_load`, asserting that transformers reported no unexpected, missing or newly initialised weights."""
+    model, said = stock_load(path, capfd)
+    assert "unexpected" not in said and "missing" not in said and "newly initialized" not in said, said
+    return model

@@ -3,16 +3,13 @@ that expert's router logit masked to -inf. Every input here is written by stock 
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM
+
 
 from flexmoe.checkpoint import adopt as adopt_mod
 from flexmoe.checkpoint import surgery
@@ -23,7 +20,7 @@ from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.fingerprint import merged_anchor_fingerprint
 from flexmoe.io.merged import read_merged
 from flexmoe.io.reader import LazyReader
-from flexmoe.testing import save_random_flex_olmo, save_random_olmo2
+from flexmoe.testing import save_random_flex_olmo, save_random_olmo2, stock_loads_clean
 
 NAMES = ["public", "math", "code"]
 IDS = torch.randint(2, 512, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -45,21 +42,6 @@ def stock(tmp_path_factory):
             out[key] = save_random_flex_olmo(root / f"{key[0]}-{int(sharded)}", num_experts=3, top_k=3, seed=3,
                                              dtype=dtype, max_shard_size="40KB" if sharded else None)
     return out
-
-
-def stock_load(path: Path, capfd):
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger = transformers.logging.get_logger("transformers")
-    logger.addHandler(handler)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    finally:
-        logger.removeHandler(handler)
-    out, err = capfd.readouterr()
-    said = (buf.getvalue() + out + err).lower()
-    assert "unexpected" not in said and "missing" not in said and "newly initialized" not in said, said
-    return model.eval()
 
 
 def masked_logits(model, expert: int) -> torch.Tensor:
@@ -109,12 +91,12 @@ def test_remove_of_adopted_equals_stock_with_masked_expert(stock, tmp_path, capf
     src = stock[("float32", True)]
     adopted = tmp_path / "adopted"
     adopt_mod.adopt(AdoptConfig(src, NAMES), adopted, progress=False)
-    full = stock_load(src, capfd)
+    full = stock_loads_clean(src, capfd)
     for j, name in ((1, "math"), (2, "code")):
         out = tmp_path / f"no-{name}"
         res = surgery.remove(RemoveConfig(adopted, name), out, progress=False)
         assert res.top_k == 2 and res.experts == [n for n in NAMES if n != name]  # k = min(3, E-1) = E-1
-        removed = stock_load(out, capfd)
+        removed = stock_loads_clean(out, capfd)
         assert removed.config.num_experts == 2 and removed.config.num_experts_per_tok == 2
         with torch.no_grad():
             got = removed(IDS).logits
@@ -139,7 +121,7 @@ def test_adopted_loads_with_flexmoe_like_stock(stock, tmp_path, capfd):
     adopted = tmp_path / "adopted"
     adopt_mod.adopt(AdoptConfig(stock[("float32", False)], NAMES), adopted, progress=False)
     with torch.no_grad():
-        assert torch.equal(load_model(adopted)(IDS).logits, stock_load(adopted, capfd)(IDS).logits)
+        assert torch.equal(load_model(adopted)(IDS).logits, stock_loads_clean(adopted, capfd)(IDS).logits)
 
 
 def test_adopt_refusals(stock, tmp_path):

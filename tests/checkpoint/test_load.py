@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import logging
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, Olmo2ForCausalLM
+from transformers import Olmo2ForCausalLM
 
 from flexmoe.checkpoint import surgery
 from flexmoe.config import MergeConfig
@@ -17,6 +14,7 @@ from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import FFN_PROJS, dense_ffn_key
 from flexmoe.checkpoint.load import load_model
 from flexmoe.router.biased import BiasedTopKRouter
+from flexmoe.testing import stock_load
 
 IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -24,20 +22,6 @@ IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
 def logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS).logits
-
-
-def stock_load(path, capfd):
-    """AutoModelForCausalLM.from_pretrained, returning the model and everything transformers said."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger = transformers.logging.get_logger("transformers")
-    logger.addHandler(handler)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    finally:
-        logger.removeHandler(handler)
-    out, err = capfd.readouterr()
-    return model.eval(), (buf.getvalue() + out + err).lower()
 
 
 @pytest.fixture(scope="module")

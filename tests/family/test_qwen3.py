@@ -4,15 +4,12 @@ fp32 logits of `flexmoe.load_model` (bias 0) equal to stock transformers'."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
+
 
 from flexmoe.checkpoint import surgery
 from flexmoe.checkpoint.load import load_model
@@ -21,23 +18,9 @@ from flexmoe.io import families, hf_config, keys
 from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.io.reader import LazyReader
 from flexmoe.router.biased import BiasedQwen3MoeTopKRouter
-from flexmoe.testing import build_random_anchor, build_random_package
+from flexmoe.testing import build_random_anchor, build_random_package, stock_load
 
 IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def stock_load(path, capfd):
-    """AutoModelForCausalLM.from_pretrained, returning the model and everything transformers said."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger = transformers.logging.get_logger("transformers")
-    logger.addHandler(handler)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    finally:
-        logger.removeHandler(handler)
-    out, err = capfd.readouterr()
-    return model.eval(), (buf.getvalue() + out + err).lower()
 
 
 def same_folder(a: Path, b: Path) -> None:

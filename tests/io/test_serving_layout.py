@@ -4,21 +4,18 @@ transformers loads each folder without warnings; folders written before the inde
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from transformers import AutoModelForCausalLM
+
 
 from flexmoe.api import adopt, init_anchor, merge, remove, add
 from flexmoe.config import AddConfig, AdoptConfig, InitAnchorConfig, MergeConfig, RemoveConfig
 from flexmoe.io.merged import read_merged
 from flexmoe.io.reader import LazyReader
-from flexmoe.testing import drop_manifest, save_flex_olmo_on_anchor, save_random_flex_olmo
+from flexmoe.testing import drop_manifest, save_flex_olmo_on_anchor, save_random_flex_olmo, stock_loads_clean
 
 SIDECARS = {"flexmoe_router.safetensors", "flexmoe_router_bias.safetensors"}
 
@@ -34,19 +31,6 @@ def check_layout(folder: Path) -> list[str]:
         assert set(index["weight_map"]) == set(r.keys())
         assert index["metadata"]["total_size"] == sum(r.spec(k).nbytes for k in r.keys())
     return sorted(p.name for p in folder.iterdir())
-
-
-def stock_loads_clean(folder: Path, capfd) -> None:
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    logger = transformers.logging.get_logger("transformers")
-    logger.addHandler(handler)
-    try:
-        AutoModelForCausalLM.from_pretrained(folder)
-    finally:
-        logger.removeHandler(handler)
-    said = (buf.getvalue() + "".join(capfd.readouterr())).lower()
-    assert "unexpected" not in said and "missing" not in said and "newly initialized" not in said, said
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,32 @@ def save_random_qwen3(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     return out
 
 
-_DENSE_BUILDERS = {"olmo2": (save_random_olmo2, tiny_olmo2_config), "qwen3": (save_random_qwen3, tiny_qwen3_config)}
+def tiny_llama_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
+                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, max_position_embeddings: int = 256):
+    """A 2-layer Llama config (grouped-query attention) that runs in milliseconds on CPU."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, pad_token_id=1, eos_token_id=0, bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+
+
+def save_random_llama(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs) -> Path:
+    """Save a random dense `LlamaForCausalLM` (no tokenizer) with `save_pretrained`."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_kwargs)).to(dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
+
+
+_DENSE_BUILDERS = {"olmo2": (save_random_olmo2, tiny_olmo2_config), "qwen3": (save_random_qwen3, tiny_qwen3_config),
+                   "llama": (save_random_llama, tiny_llama_config)}
 
 
 def build_random_embedder(out_dir: str | Path, *, dim: int = 32, seed: int = 0, max_seq_length: int = 128) -> Path:

@@ -27,6 +27,7 @@ from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig, 
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
 from flexmoe.io import hf_config
 from flexmoe.io.anchor import ANCHOR_META, ANCHOR_ROUTER, AnchorMeta, EmbedderIdentity, read_anchor
+from flexmoe.io.families import Family
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
 from flexmoe.io.merged import BIAS_FILE  # noqa: F401  (re-exported: the sidecar's name)
@@ -95,10 +96,26 @@ def _built(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], tor
     return _Item(TensorSpec(name, dtype, shape), lambda w: w.write(name, make()))
 
 
+class _OnDisk:
+    """A ShardWriter taking canonical tensor names and writing them under `to_disk`'s (the family's on-disk names)."""
+
+    def __init__(self, writer: ShardWriter, to_disk: Callable[[str], str]):
+        self.w, self.to_disk = writer, to_disk
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.w.write(self.to_disk(name), tensor)
+
+    def copy_from(self, name: str, reader: LazyReader, key: str) -> None:
+        self.w.copy_from(self.to_disk(name), reader, key)
+
+
 def _stream(out_dir: Path, items: list[_Item], *, sources: list[LazyReader], max_shard_bytes: int, prefix: str,
-            progress: bool, desc: str) -> list[str]:
+            progress: bool, desc: str, to_disk: Callable[[str], str] | None = None) -> list[str]:
     """Write `items` in canonical order through one ShardWriter; returns the shard file names. The large shards
-    of `sources` (every reader the items read) are hashed while they are read and checked at the end."""
+    of `sources` (every reader the items read) are hashed while they are read and checked at the end.
+    `to_disk`: the family's canonical → on-disk tensor names (`Family.to_disk`), applied to every item."""
+    if to_disk is not None:
+        items = [_Item(TensorSpec(to_disk(it.spec.name), it.spec.dtype, it.spec.shape), it.emit) for it in items]
     items = sorted(items, key=lambda it: natural_order(it.spec.name))
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
@@ -106,8 +123,9 @@ def _stream(out_dir: Path, items: list[_Item], *, sources: list[LazyReader], max
         r.hash_reads()
     try:
         with ShardWriter(out_dir, [it.spec for it in items], max_shard_bytes=max_shard_bytes, prefix=prefix) as w:
+            sink = w if to_disk is None else _OnDisk(w, to_disk)
             for it in items:
-                it.emit(w)
+                it.emit(sink)
                 bar.update(it.spec.nbytes)
             names = w.finalize()
     finally:
@@ -138,10 +156,16 @@ def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
             raise ConfigError(f"--out {out} is one of the inputs; choose another folder")
 
 
-def _resolve_top_k(requested: int | None, num_experts: int) -> int:
-    """Effective top-k: `requested` (or DEFAULT_TOP_K) clamped to the number of experts present."""
+def _resolve_top_k(requested: int | None, num_experts: int, family: Family | None = None) -> int:
+    """Effective top-k: `requested` (or DEFAULT_TOP_K) clamped to the number of experts present. A family whose
+    router renormalises the top-k weights (Mixtral) is FlexOlmo's routing only at k = E: E, and k < E refused."""
     if requested is not None and requested < 1:
         raise ConfigError(f"--top-k must be at least 1, got {requested}")
+    if family is not None and family.renormalises:
+        if requested is not None and requested < num_experts:
+            raise ConfigError(f"--top-k {requested}: {family.moe_label} renormalises the top-k routing weights, so "
+                              f"only k = E is FlexOlmo's routing; use --top-k {num_experts} (or leave it out)")
+        return num_experts
     return min(requested or DEFAULT_TOP_K, num_experts)
 
 
@@ -230,7 +254,8 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
         num_experts = len(pkgs) + 1
         if cfg.top_k is not None and cfg.top_k > num_experts:
             raise ConfigError(f"--top-k {cfg.top_k} is more than the {num_experts} experts of this merge")
-        top_k = _resolve_top_k(cfg.top_k, num_experts)
+        family = hf_config.family(acfg)
+        top_k = _resolve_top_k(cfg.top_k, num_experts, family)
 
         items = []
         for key in areader.keys():
@@ -253,7 +278,7 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
         fcfg = moe_config(acfg, num_experts, top_k)
         with _output(out, overwrite) as tmp:
             shards = _stream(tmp, items, sources=[areader, *(p.reader for p in pkgs)], max_shard_bytes=max_shard,
-                             prefix="model", progress=progress, desc="merge")
+                             prefix="model", progress=progress, desc="merge", to_disk=family.to_disk)
             write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases,
                                side_listed=anchor.files)
     return CheckpointResult(out=out, experts=[e["name"] for e in meta["experts"]], top_k=top_k, top_k_before=None,
@@ -271,7 +296,7 @@ def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: boo
     fcfg = moe_config(m.config, len(experts), top_k)
     with _output(out, overwrite) as tmp:
         shards = _stream(tmp, items, sources=sources, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
-                         progress=progress, desc=desc)
+                         progress=progress, desc=desc, to_disk=hf_config.family(m.config).to_disk)
         write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases, side_listed=m.reader.listed)
         m.close()  # before the swap of an in-place edit
     return CheckpointResult(out=out, experts=[e["name"] for e in experts], top_k=top_k,
@@ -308,7 +333,9 @@ def add(cfg: AddConfig, out: str | Path, *, overwrite: bool = False, progress: b
         if cfg.top_k is not None and cfg.top_k > e_new + 1:
             raise ConfigError(f"--top-k {cfg.top_k} is more than the {e_new + 1} experts after adding")
         before = int(m.meta["top_k"])
-        top_k = _resolve_top_k(cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested"), e_new + 1)
+        family = hf_config.family(m.config)
+        requested = cfg.top_k if cfg.top_k is not None or family.renormalises else m.meta.get("top_k_requested")
+        top_k = _resolve_top_k(requested, e_new + 1, family)
         items = [_copy(k, m.reader, k) for k in m.reader.keys() if parse_router_key(k) is None]
         items += [_copy(expert_key(layer, e_new, p), pkg.reader, dense_ffn_key(layer, p))
                   for layer in range(m.num_layers) for p in FFN_PROJS]
@@ -342,7 +369,9 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
         if cfg.top_k is not None and cfg.top_k > e_new:
             raise ConfigError(f"--top-k {cfg.top_k} is more than the {e_new} experts left after removing {name!r}")
         before = int(m.meta["top_k"])
-        top_k = _resolve_top_k(cfg.top_k, e_new) if cfg.top_k is not None else min(before, e_new)
+        family = hf_config.family(m.config)
+        top_k = (_resolve_top_k(cfg.top_k, e_new, family) if cfg.top_k is not None or family.renormalises
+                 else min(before, e_new))
         items = []
         for key in m.reader.keys():
             parsed = parse_expert_key(key)

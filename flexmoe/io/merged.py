@@ -81,7 +81,7 @@ def model_card(config: dict, meta: dict, biases: torch.Tensor) -> str:
         rows.append(f"| {i} | {e['name']} | {card.get('router_source', 'anchor (r_pub)') if i else 'anchor (r_pub)'} "
                     f"| {data.get('documents', '-')} | {data.get('tokens', '-')} | {card.get('steps', '-')} "
                     f"| {'-' if loss is None else f'{loss:.4g}'} | {float(applied[i]):.4g} |")
-    e_total, k = config["num_experts"], config["num_experts_per_tok"]
+    e_total, k = config[hf_config.family(config).num_experts_key], config["num_experts_per_tok"]
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- flexolmo", "- moe",
         "- flexmoe", "---", "",
@@ -169,8 +169,9 @@ def read_merged(path: str | Path) -> Merged:
         raise CheckpointError(f"{path}: corrupt {MERGED_META} or config.json ({e})") from e
     if not names or names[0] != PUBLIC_NAME or len(set(names)) != len(names):
         raise CheckpointError(f"{path / MERGED_META}: expert list must start with {PUBLIC_NAME!r} and have unique names")
-    if int(config.get("num_experts", -1)) != len(names):
-        raise CheckpointError(f"{path}: config.json has num_experts={config.get('num_experts')}, "
+    e_key = hf_config.family(config).num_experts_key
+    if int(config.get(e_key, -1)) != len(names):
+        raise CheckpointError(f"{path}: config.json has {e_key}={config.get(e_key)}, "
                               f"{MERGED_META} lists {len(names)} experts")
     reader = LazyReader.from_dir(path, listed=listed)
     try:

@@ -69,7 +69,24 @@ class LazyReader:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":
-        return cls(model_files(Path(model_dir)), listed=listed)
+        """The folder's tensors under flexmoe's canonical names: a family whose MoE class saves other names
+        (Mixtral's block_sparse_moe.experts.{e}.w1) is read through `Family.from_disk`."""
+        reader = cls(model_files(Path(model_dir)), listed=listed)
+        reader._canonical(Path(model_dir))
+        return reader
+
+    def _canonical(self, model_dir: Path) -> None:
+        import json
+
+        from flexmoe.io import families
+
+        try:
+            model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return
+        fam = families.of_moe(model_type)
+        if fam is not None and fam.canonical_names:
+            self._loc = {fam.from_disk(k): loc for k, loc in self._loc.items()}
 
     @classmethod
     def from_file(cls, path: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 
 class _Biased:
     """The expert bias, mixed in before a stock top-k router class (its `__init__(config)`, `weight`, `top_k`,
-    `num_experts`, `norm_topk_prob`, `hidden_dim`)."""
+    `num_experts`, `hidden_dim`; `norm_topk_prob` where it has one: Mixtral's always renormalises)."""
+
+    norm_topk_prob = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -46,7 +49,7 @@ class _Biased:
         """
         new = cls(config)
         new.weight = router.weight
-        new.top_k, new.norm_topk_prob = router.top_k, router.norm_topk_prob
+        new.top_k, new.norm_topk_prob = router.top_k, getattr(router, "norm_topk_prob", cls.norm_topk_prob)
         b = torch.zeros(new.num_experts) if bias is None else bias.detach().float().reshape(-1)
         if b.shape != (new.num_experts,):
             raise ValueError(f"expert_bias must have shape ({new.num_experts},), got {tuple(b.shape)}")
@@ -69,5 +72,14 @@ class BiasedQwen3MoeTopKRouter(_Biased, Qwen3MoeTopKRouter):
     router-logit recorder still finds it). It reads the post-attention RMS-normalised residual (pre-norm block)."""
 
 
+class BiasedMixtralTopKRouter(_Biased, MixtralTopKRouter):
+    """`BiasedTopKRouter` for a `MixtralForCausalLM` (an instance of the stock `MixtralTopKRouter`). Mixtral always
+    renormalises the top-k weights, so this does too; flexmoe writes Mixtral merges with k = E only, where
+    renormalising a softmax over all E experts changes nothing (FlexOlmo's semantics)."""
+
+    norm_topk_prob = True
+
+
 # The biased router of each anchor family's MoE model_type (flexmoe.io.families).
-BIASED_ROUTERS = {"flex_olmo": BiasedTopKRouter, "qwen3_moe": BiasedQwen3MoeTopKRouter}
+BIASED_ROUTERS = {"flex_olmo": BiasedTopKRouter, "qwen3_moe": BiasedQwen3MoeTopKRouter,
+                  "mixtral": BiasedMixtralTopKRouter}

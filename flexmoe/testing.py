@@ -87,8 +87,32 @@ def save_random_llama(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     return out
 
 
+def tiny_mistral_config(**kwargs):
+    """`tiny_llama_config` as a Mistral config (same tensors; Mistral adds `sliding_window`, None here)."""
+    from transformers import MistralConfig
+
+    cfg = tiny_llama_config(**kwargs).to_dict()
+    keep = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings")}
+    return MistralConfig(**keep, sliding_window=None)
+
+
+def save_random_mistral(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        **config_kwargs) -> Path:
+    """Save a random dense `MistralForCausalLM` (no tokenizer) with `save_pretrained`."""
+    from transformers import MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(tiny_mistral_config(**config_kwargs)).to(dtype)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    return out
+
+
 _DENSE_BUILDERS = {"olmo2": (save_random_olmo2, tiny_olmo2_config), "qwen3": (save_random_qwen3, tiny_qwen3_config),
-                   "llama": (save_random_llama, tiny_llama_config)}
+                   "llama": (save_random_llama, tiny_llama_config),
+                   "mistral": (save_random_mistral, tiny_mistral_config)}
 
 
 def build_random_embedder(out_dir: str | Path, *, dim: int = 32, seed: int = 0, max_seq_length: int = 128) -> Path:
@@ -146,7 +170,7 @@ def save_tiny_tokenizer(out_dir: str | Path, *, vocab_size: int = 512) -> Path:
 
 def build_random_anchor(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                         tokenizer: bool = True, family: str = "olmo2", **config_kwargs) -> Path:
-    """A complete flexmoe anchor (random dense OLMo-2, or `family="qwen3"` Qwen3, + `flexmoe_anchor.json` +
+    """A complete flexmoe anchor (random dense OLMo-2, or `family="qwen3"` / "llama" / "mistral", + `flexmoe_anchor.json` +
     `flexmoe_router.safetensors`).
 
     Built without any training code: the fingerprint is computed from the saved tensors and r_pub is random.

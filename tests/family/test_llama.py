@@ -138,3 +138,14 @@ def test_llama_remove_and_add_round_trips_are_byte_exact(llama, tmp_path):
     assert (tmp_path / "ab" / "model.safetensors.index.json").is_file()
     surgery.add(AddConfig(tmp_path / "ab", p["law"], shard_size="150KB"), tmp_path / "ab+c", progress=False)
     same_folder(tmp_path / "ab+c", tmp_path / "abc2")
+
+
+def test_mistral_merge_is_a_stock_mixtral_folder(tmp_path, capfd):
+    anchor = build_random_anchor(tmp_path / "anchor", family="mistral")
+    pkg = build_random_package(tmp_path / "code", anchor, "code", 1, bias=0.0, ffn_std=0.1)
+    surgery.merge(MergeConfig(anchor, [pkg]), tmp_path / "m", progress=False)
+    stock, said = stock_load(tmp_path / "m", capfd)
+    assert "unexpected" not in said and "missing" not in said and "error" not in said and "warn" not in said, said
+    assert type(stock).__name__ == "MixtralForCausalLM" and stock.config.num_experts_per_tok == 2
+    with torch.no_grad():
+        assert torch.equal(stock(IDS).logits, load_model(tmp_path / "m")(IDS).logits)

@@ -81,13 +81,15 @@ def model_card(config: dict, meta: dict, biases: torch.Tensor) -> str:
         rows.append(f"| {i} | {e['name']} | {card.get('router_source', 'anchor (r_pub)') if i else 'anchor (r_pub)'} "
                     f"| {data.get('documents', '-')} | {data.get('tokens', '-')} | {card.get('steps', '-')} "
                     f"| {'-' if loss is None else f'{loss:.4g}'} | {float(applied[i]):.4g} |")
-    e_total, k = config[hf_config.family(config).num_experts_key], config["num_experts_per_tok"]
+    fam = hf_config.family(config)
+    e_total, k = config[fam.num_experts_key], config["num_experts_per_tok"]
+    routing = ("renormalised over all E experts (Mixtral always renormalises; at k = E that is FlexOlmo's routing)"
+               if fam.renormalises else "without renormalisation (`norm_topk_prob: false`)")
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- flexolmo", "- moe",
         "- flexmoe", "---", "",
         "# FlexOlmo mixture of experts (flexmoe)", "",
-        f"A `flex_olmo` model with {e_total} experts, top-{k} routing without renormalisation "
-        "(`norm_topk_prob: false`). Expert 0 is the public FFN of the anchor; every other expert was trained "
+        f"A `{fam.moe_type}` model with {e_total} experts, top-{k} routing {routing}. Expert 0 is the public FFN of the anchor; every other expert was trained "
         "by its data owner against the same frozen anchor and merged without joint training.", "",
         f"- Anchor fingerprint: `{meta['anchor_fingerprint']}`",
         f"- Router: rows stacked in expert order, row 0 = r_pub from the anchor; top-k = {k}",

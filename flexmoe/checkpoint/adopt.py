@@ -31,7 +31,7 @@ from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, is_shared, na
 from flexmoe.io.merged import MERGED_META, NO_SHARD_LIMIT, dump_json, moe_config, merged_meta, write_merged_files
 from flexmoe.io.package import (PACKAGE_CARD, PACKAGE_TENSORS, PUBLIC_NAME, ExpertCard, package_keys,
                                validate_expert_name)
-from flexmoe.io.reader import LazyReader, model_files
+from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH
 from flexmoe.io.writer import ShardWriter
 
@@ -65,8 +65,9 @@ def open_flex_source(path: str | Path, why: str) -> FlexSource:
     if (path / MERGED_META).is_file():
         raise CheckpointError(f"{path}: already a flexmoe merged checkpoint ({MERGED_META}); use it as it is "
                               "(or `flexmoe extract` its experts)")
+    family = hf_config.family(config)
     try:
-        num_experts, num_layers = int(config["num_experts"]), int(config["num_hidden_layers"])
+        num_experts, num_layers = int(config[family.num_experts_key]), int(config["num_hidden_layers"])
         hidden, top_k = int(config["hidden_size"]), int(config.get("num_experts_per_tok", num_experts))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: not a complete FlexOlmo config ({e})") from e
@@ -74,10 +75,14 @@ def open_flex_source(path: str | Path, why: str) -> FlexSource:
         raise CheckpointError(f"{path}/config.json: norm_topk_prob is true; FlexOlmo (and flexmoe) route without "
                               "renormalising the top-k weights, so this model would change its outputs here; "
                               "set it to false only if the model was trained that way")
+    if family.renormalises and top_k != num_experts:
+        raise CheckpointError(f"{path}/config.json: num_experts_per_tok={top_k} < {family.num_experts_key}="
+                              f"{num_experts}; {family.moe_label} renormalises the top-k weights, which is FlexOlmo's "
+                              "routing only when every expert is active, so flexmoe takes it only with k = E")
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(f"{path}/config.json: num_experts_per_tok={top_k} is not between 1 and "
                               f"num_experts={num_experts}")
-    reader = LazyReader(model_files(path))
+    reader = LazyReader.from_dir(path)  # canonical names (Mixtral's block_sparse_moe.* read as mlp.*)
     try:
         dtype = None
         for key in reader.keys():
@@ -158,7 +163,7 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
         fcfg = moe_config(src.config, src.num_experts, src.top_k)
         with _output(out, overwrite) as tmp:
             shards = _stream(tmp, items, sources=[src.reader], max_shard_bytes=max_shard, prefix="model",
-                             progress=progress, desc="adopt")
+                             progress=progress, desc="adopt", to_disk=hf_config.family(src.config).to_disk)
             write_merged_files(tmp, side_src=src_dir, config=fcfg, meta=meta, biases=biases)
     return CheckpointResult(out=out, experts=list(cfg.names), top_k=src.top_k, top_k_before=None, shards=shards,
                             total_bytes=sum(it.spec.nbytes for it in items), anchor_fingerprint=fingerprint,

@@ -149,3 +149,50 @@ def test_mistral_merge_is_a_stock_mixtral_folder(tmp_path, capfd):
     assert type(stock).__name__ == "MixtralForCausalLM" and stock.config.num_experts_per_tok == 2
     with torch.no_grad():
         assert torch.equal(stock(IDS).logits, load_model(tmp_path / "m")(IDS).logits)
+
+
+def _stock_mixtral(out: Path, *, top_k: int = 3, same_row0: bool = True):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from flexmoe.testing import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    m = MixtralForCausalLM(MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                         num_experts_per_tok=top_k, pad_token_id=1, eos_token_id=0,
+                                         bos_token_id=None))
+    if same_row0:  # one public router row for every layer, as a flexmoe anchor has
+        with torch.no_grad():
+            m.model.layers[1].mlp.gate.weight[0] = m.model.layers[0].mlp.gate.weight[0]
+    m.save_pretrained(out)
+    save_tiny_tokenizer(out)
+    return out
+
+
+def test_init_anchor_from_a_stock_mixtral_folder_is_its_mistral_anchor(tmp_path):
+    from transformers import MistralForCausalLM, MixtralForCausalLM
+
+    from flexmoe.anchor.adopt import init_anchor
+
+    src = _stock_mixtral(tmp_path / "mx")
+    init_anchor(InitAnchorConfig(from_moe=src), tmp_path / "anchor", overwrite=False, progress=False)
+    assert hf_config.model_type(tmp_path / "anchor") == "mistral"
+    dense, moe = MistralForCausalLM.from_pretrained(tmp_path / "anchor"), MixtralForCausalLM.from_pretrained(src)
+    assert torch.equal(dense.model.layers[1].mlp.up_proj.weight, moe.model.layers[1].mlp.experts.gate_up_proj[0, 128:])
+
+
+def test_adopt_a_stock_mixtral_folder(tmp_path):
+    from transformers import MixtralForCausalLM
+
+    from flexmoe import api
+    from flexmoe.config import AdoptConfig
+    from flexmoe.errors import CheckpointError
+
+    src = _stock_mixtral(tmp_path / "mx", same_row0=False)
+    api.adopt(AdoptConfig(src, ["public", "a", "b"]), tmp_path / "ad", progress=False)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "ad")(IDS).logits,
+                           MixtralForCausalLM.from_pretrained(src).eval()(IDS).logits)
+    with pytest.raises(CheckpointError, match="k = E"):
+        api.adopt(AdoptConfig(_stock_mixtral(tmp_path / "k2", top_k=2), ["public", "a", "b"]), tmp_path / "ad2",
+                  progress=False)

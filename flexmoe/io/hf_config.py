@@ -1,7 +1,7 @@
 """A model folder's transformers `config.json`, and the one check of which architecture a folder holds.
 
 Architectures come in anchor families (`flexmoe.io.families`): a folder is either a dense anchor model (`DENSE`:
-OLMo-2, Qwen3) or the MoE model merges of that family are (`MOE`: FlexOlmo, Qwen3-MoE)."""
+OLMo-2, Qwen3, Llama, Mistral) or the MoE model that merges of its family are (`MOE`: FlexOlmo, Qwen3-MoE, Mixtral)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _LOOKUP = {DENSE: families.of_dense, MOE: families.of_moe}
 
 
 def names(kind: str) -> str:
-    """'an OLMo-2 model or a Qwen3 model ('olmo2' or 'qwen3')' for `DENSE`; the MoE ones for `MOE`."""
+    """'an OLMo-2 model or a Qwen3 model or ... ('olmo2' or 'qwen3' or ...)' for `DENSE`; the MoE ones for `MOE`."""
     fams = families.FAMILIES.values()
     labels = [f.label if kind == DENSE else f.moe_label for f in fams]
     types = [f.dense_type if kind == DENSE else f.moe_type for f in fams]

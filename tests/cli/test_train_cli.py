@@ -81,9 +81,9 @@ def test_init_anchor_adopts_an_olmo2_directory(train_inputs, tmp_path):
 
 
 def _not_olmo2(tmp: Path) -> Path:
-    d = tmp / "llama"
+    d = tmp / "gpt2"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     return d
 
 

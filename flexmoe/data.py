@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from flexmoe.errors import DataError
+from flexmoe.errors import CheckpointError, DataError
 
 TEXT_FIELD = "text"
 PIECE_CHARS = 2**18  # the longest text handed to the tokenizer at once (a longer document is cut into pieces)
@@ -290,8 +290,6 @@ def load_tokenizer(path: str | Path, what: str = "model"):
     Local files only, and it must have an EOS token: documents are joined with it when packed and scored.
     """
     from transformers import AutoTokenizer
-
-    from flexmoe.errors import CheckpointError
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)

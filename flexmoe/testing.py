@@ -33,10 +33,7 @@ def save_random_olmo2(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     from transformers import Olmo2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Olmo2ForCausalLM(tiny_olmo2_config(**config_kwargs)).to(dtype)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    return out
+    return _save_stock(Olmo2ForCausalLM(tiny_olmo2_config(**config_kwargs)), Path(out_dir), dtype, None)
 
 
 def tiny_qwen3_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
@@ -57,10 +54,7 @@ def save_random_qwen3(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(**config_kwargs)).to(dtype)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    return out
+    return _save_stock(Qwen3ForCausalLM(tiny_qwen3_config(**config_kwargs)), Path(out_dir), dtype, None)
 
 
 def tiny_llama_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
@@ -81,10 +75,7 @@ def save_random_llama(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**config_kwargs)).to(dtype)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    return out
+    return _save_stock(LlamaForCausalLM(tiny_llama_config(**config_kwargs)), Path(out_dir), dtype, None)
 
 
 def tiny_mistral_config(**kwargs):
@@ -104,10 +95,7 @@ def save_random_mistral(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtyp
     from transformers import MistralForCausalLM
 
     torch.manual_seed(seed)
-    model = MistralForCausalLM(tiny_mistral_config(**config_kwargs)).to(dtype)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    return out
+    return _save_stock(MistralForCausalLM(tiny_mistral_config(**config_kwargs)), Path(out_dir), dtype, None)
 
 
 _DENSE_BUILDERS = {"olmo2": (save_random_olmo2, tiny_olmo2_config), "qwen3": (save_random_qwen3, tiny_qwen3_config),
@@ -467,3 +455,12 @@ def stock_loads_clean(path: str | Path, capfd):
     model, said = stock_load(path, capfd)
     assert "unexpected" not in said and "missing" not in said and "newly initialized" not in said, said
     return model
+
+
+def assert_same_folder(a: str | Path, b: str | Path) -> None:
+    """The two folders hold the same file names with byte-identical contents (round trips of the surgery verbs)."""
+    a, b = Path(a), Path(b)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), f"file {n} differs"

@@ -17,20 +17,14 @@ from flexmoe.config import ExtractConfig, ImportExpertConfig, MergeConfig, Remov
 from flexmoe.errors import CheckpointError, FingerprintMismatch
 from flexmoe.io.package import read_package
 from flexmoe.io.reader import LazyReader
-from flexmoe.testing import build_random_anchor, save_flex_olmo_on_anchor, save_random_flex_olmo, save_random_olmo2
+from flexmoe.testing import (assert_same_folder, build_random_anchor, save_flex_olmo_on_anchor, save_random_flex_olmo,
+                             save_random_olmo2)
 
 
 def tensors(path: Path, file: str | None = None) -> dict[str, tuple[str, tuple, bytes]]:
     reader = LazyReader.from_file(path / file) if file else LazyReader.from_dir(path)
     with reader as r:
         return {k: (r.spec(k).dtype, r.spec(k).shape, r.read_bytes(k)) for k in r.keys()}
-
-
-def same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +61,7 @@ def test_import_merge_gives_back_the_source(world, tmp_path, d):
         surgery.merge(MergeConfig(world[d]["anchor"], [tmp_path / name], top_k=2), merged, progress=False)
         assert tensors(merged) == tensors(world[d][name])  # every tensor of the stock model, byte for byte
         surgery.extract(ExtractConfig(merged, name), tmp_path / f"again-{name}", progress=False)
-        same_files(tmp_path / name, tmp_path / f"again-{name}")
+        assert_same_folder(tmp_path / name, tmp_path / f"again-{name}")
 
 
 @pytest.mark.parametrize("d", ["float32", "bfloat16"])
@@ -78,7 +72,7 @@ def test_import_merge_remove_round_trip(world, tmp_path, d):
     surgery.merge(MergeConfig(anchor, [tmp_path / "math", tmp_path / "code"]), tmp_path / "mc", progress=False)
     surgery.remove(RemoveConfig(tmp_path / "mc", "code"), tmp_path / "m", progress=False)
     surgery.merge(MergeConfig(anchor, [tmp_path / "math"]), tmp_path / "m-direct", progress=False)
-    same_files(tmp_path / "m", tmp_path / "m-direct")
+    assert_same_folder(tmp_path / "m", tmp_path / "m-direct")
 
 
 def _edit(src: Path, dst: Path, fn) -> Path:

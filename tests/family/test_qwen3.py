@@ -5,7 +5,6 @@ fp32 logits of `flexmoe.load_model` (bias 0) equal to stock transformers'."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +17,9 @@ from flexmoe.io import families, hf_config, keys
 from flexmoe.io.fingerprint import anchor_fingerprint
 from flexmoe.io.reader import LazyReader
 from flexmoe.router.biased import BiasedQwen3MoeTopKRouter
-from flexmoe.testing import build_random_anchor, build_random_package, stock_load
+from flexmoe.testing import assert_same_folder, build_random_anchor, build_random_package, stock_load
 
 IDS = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def same_folder(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), f"file {n} differs"
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +105,10 @@ def test_qwen3_remove_and_add_round_trips_are_byte_exact(qwen, tmp_path):
     surgery.merge(MergeConfig(anchor, [p["code"], p["news"]], shard_size="150KB"), tmp_path / "ab", progress=False)
     surgery.merge(MergeConfig(anchor, [p["code"], p["law"]]), tmp_path / "ac", progress=False)
     surgery.remove(RemoveConfig(tmp_path / "abc", "news"), tmp_path / "abc-news", progress=False)
-    same_folder(tmp_path / "abc-news", tmp_path / "ac")
+    assert_same_folder(tmp_path / "abc-news", tmp_path / "ac")
     surgery.merge(MergeConfig(anchor, [p["code"], p["news"], p["law"]], shard_size="150KB"), tmp_path / "abc2",
                   progress=False)
     assert (tmp_path / "ab" / "model.safetensors.index.json").is_file()
     surgery.add(AddConfig(tmp_path / "ab", p["law"], shard_size="150KB"), tmp_path / "ab+c", progress=False)
-    same_folder(tmp_path / "ab+c", tmp_path / "abc2")
+    assert_same_folder(tmp_path / "ab+c", tmp_path / "abc2")
 

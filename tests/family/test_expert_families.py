@@ -1,6 +1,7 @@
-"""train-expert on a Llama anchor: the upcycled model is a stock MixtralForCausalLM with `ExpertMoEBlock`s (pre-norm,
-like Qwen3: the router reads the post-attention RMS-normalised residual), it is the dense anchor at init, its frozen
-tensors stay bit-identical through training, and the package merges onto the anchor (a Mixtral folder, k = E)."""
+"""train-expert on the anchors of other families (Qwen3 -> Qwen3Moe, Llama -> Mixtral): the upcycled model is the
+family's stock MoE class with `ExpertMoEBlock`s (both are pre-norm: the block, and so the router, reads the
+post-attention RMS-normalised residual), it is the dense anchor at init, its frozen tensors stay bit-identical
+through training, and the package merges onto the anchor (for Mixtral a k = E folder)."""
 
 from __future__ import annotations
 
@@ -22,24 +23,34 @@ from flexmoe.testing import build_random_anchor
 IDS = torch.randint(2, 512, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+# family -> (the MoE class train-expert upcycles to, the anchor's dense class)
+FAMILIES = {"qwen3": ("Qwen3MoeForCausalLM", "Qwen3ForCausalLM"), "llama": ("MixtralForCausalLM", "LlamaForCausalLM")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def anchor(tmp_path_factory):
-    return read_anchor(build_random_anchor(tmp_path_factory.mktemp("ll") / "anchor", family="llama"))
+def anchor(family, tmp_path_factory):
+    return read_anchor(build_random_anchor(tmp_path_factory.mktemp(family) / "anchor", family=family))
 
 
-def test_llama_upcycle_is_the_dense_anchor_at_init(anchor):
-    from transformers import LlamaForCausalLM
+def test_upcycle_is_the_dense_anchor_at_init(family, anchor):
+    import transformers
 
+    moe_class, dense_class = FAMILIES[family]
     model = upcycle(anchor, torch.randn(64), top_k=2).eval()
-    assert type(model).__name__ == "MixtralForCausalLM" and len(expert_blocks(model)) == 2
+    assert type(model).__name__ == moe_class and len(expert_blocks(model)) == 2
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"owner_gate_up", "owner_down", "owner_row", "bias"}
-    dense = LlamaForCausalLM.from_pretrained(anchor.path).eval()
+    dense = getattr(transformers, dense_class).from_pretrained(anchor.path).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, dense(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_llama_train_expert_keeps_frozen_tensors_and_merges(anchor, tmp_path):
+def test_train_expert_keeps_frozen_tensors_and_merges(anchor, tmp_path):
     from flexmoe import api
 
     data = tmp_path / "owner.jsonl"

@@ -56,7 +56,7 @@ def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, p
     as raw bytes in the canonical order; r_pub = router row 0 (float32, lossless); no embedder. Experts built on
     this public model (its other 2x siblings) then import against it with `import-expert`."""
     from flexmoe.checkpoint.adopt import open_flex_source
-    from flexmoe.checkpoint.surgery import _copy, _stream
+    from flexmoe.checkpoint.surgery import copy_item, stream_items
     from flexmoe.config import SHARD_SIZE, parse_size
     from flexmoe.io.jsonfile import dump_json
     from flexmoe.io.keys import dense_ffn_key, parse_expert_key, parse_router_key, router_key
@@ -73,9 +73,9 @@ def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, p
             parsed = parse_expert_key(key)
             if parsed is not None:
                 if parsed[1] == 0:
-                    items.append(_copy(dense_ffn_key(parsed[0], parsed[2]), src.reader, key))
+                    items.append(copy_item(dense_ffn_key(parsed[0], parsed[2]), src.reader, key))
             elif parse_router_key(key) is None:
-                items.append(_copy(key, src.reader, key))
+                items.append(copy_item(key, src.reader, key))
         row0 = src.reader.get(router_key(0))[0]
         for layer in range(1, src.num_layers):
             if not torch.equal(src.reader.get(router_key(layer))[0], row0):
@@ -88,8 +88,8 @@ def init_anchor_from_moe(cfg: InitAnchorConfig, out: Path, *, overwrite: bool, p
         tokenizer = load_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer is not None else None
         dtype = DType.of_safetensors(src.dtype)
         with atomic_dir(out, overwrite, seal=ANCHOR_META) as tmp:
-            _stream(tmp, items, sources=[src.reader], max_shard_bytes=parse_size(SHARD_SIZE), prefix="model",
-                    progress=progress, desc="init-anchor")
+            stream_items(tmp, items, sources=[src.reader], max_shard_bytes=parse_size(SHARD_SIZE), prefix="model",
+                         progress=progress, desc="init-anchor")
             dump_json(tmp / "config.json", config, sort_keys=True)
             copy_side_files(src_dir, tmp, COPIED_FILES)
             if tokenizer is not None:

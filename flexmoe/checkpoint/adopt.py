@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from flexmoe import __version__
-from flexmoe.checkpoint.surgery import (CheckpointResult, PackageResult, _built, _copy, _output, _refuse_input_as_output,
-                                       _stream)
+from flexmoe.checkpoint.surgery import (CheckpointResult, PackageResult, built_item, copy_item, refuse_input_as_output,
+                                       sealed_output, stream_items)
 from flexmoe.config import AdoptConfig, ImportExpertConfig, parse_size
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch
 from flexmoe.io import hf_config, manifest
@@ -142,7 +142,7 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
     tensors byte for byte (canonical order), `flexmoe.json` with `cfg.names`, zero biases, a model card."""
     t0 = time.perf_counter()
     src_dir = Path(cfg.model)
-    _refuse_input_as_output(Path(out), [src_dir])
+    refuse_input_as_output(Path(out), [src_dir])
     out = check_output(out, overwrite)
     max_shard = parse_size(cfg.shard_size)
     for name in cfg.names[1:]:
@@ -158,12 +158,12 @@ def adopt(cfg: AdoptConfig, out: str | Path, *, overwrite: bool = False, progres
         experts = [{"name": PUBLIC_NAME}] + [{"name": n, "card": _card(n, fingerprint, "adopted", record)}
                                              for n in cfg.names[1:]]
         meta = merged_meta(fingerprint, src.top_k, src.top_k, experts)
-        items = [_copy(k, src.reader, k) for k in src.reader.keys()]
+        items = [copy_item(k, src.reader, k) for k in src.reader.keys()]
         biases = torch.zeros(src.num_layers, src.num_experts)
         fcfg = moe_config(src.config, src.num_experts, src.top_k)
-        with _output(out, overwrite) as tmp:
-            shards = _stream(tmp, items, sources=[src.reader], max_shard_bytes=max_shard, prefix="model",
-                             progress=progress, desc="adopt", to_disk=hf_config.family(src.config).to_disk)
+        with sealed_output(out, overwrite) as tmp:
+            shards = stream_items(tmp, items, sources=[src.reader], max_shard_bytes=max_shard, prefix="model",
+                                  progress=progress, desc="adopt", to_disk=hf_config.family(src.config).to_disk)
             write_merged_files(tmp, side_src=src_dir, config=fcfg, meta=meta, biases=biases)
     return CheckpointResult(out=out, experts=list(cfg.names), top_k=src.top_k, top_k_before=None, shards=shards,
                             total_bytes=sum(it.spec.nbytes for it in items), anchor_fingerprint=fingerprint,
@@ -206,7 +206,7 @@ def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool =
     package of `cfg.anchor`: experts.1 -> the owner FFN, router row 1 -> its row, bias 0 ("none in source")."""
     t0 = time.perf_counter()
     src_dir, anchor_dir = Path(cfg.model), Path(cfg.anchor)
-    _refuse_input_as_output(Path(out), [src_dir, anchor_dir])
+    refuse_input_as_output(Path(out), [src_dir, anchor_dir])
     out = check_output(out, overwrite)
     validate_expert_name(cfg.name)
     anchor = read_anchor(anchor_dir)
@@ -242,14 +242,14 @@ def import_expert(cfg: ImportExpertConfig, out: str | Path, *, overwrite: bool =
                                           "this anchor's: re-create the anchor with init-anchor --from-moe")
         items = []
         for layer in range(layers):
-            items += [_copy(dense_ffn_key(layer, p), src.reader, expert_key(layer, 1, p)) for p in FFN_PROJS]
-            items.append(_built(package_row_key(layer), adtype, (hidden,),
-                                lambda layer=layer: src.reader.get(router_key(layer))[1].clone()))
-            items.append(_built(package_bias_key(layer), "F32", (), lambda: torch.zeros((), dtype=torch.float32)))
+            items += [copy_item(dense_ffn_key(layer, p), src.reader, expert_key(layer, 1, p)) for p in FFN_PROJS]
+            items.append(built_item(package_row_key(layer), adtype, (hidden,),
+                                    lambda layer=layer: src.reader.get(router_key(layer))[1].clone()))
+            items.append(built_item(package_bias_key(layer), "F32", (), lambda: torch.zeros((), dtype=torch.float32)))
         order = {k: i for i, k in enumerate(package_keys(layers))}
         items.sort(key=lambda it: order[it.spec.name])
         card = _card(cfg.name, anchor.meta.fingerprint, "imported", source_record(src_dir, hash_files=True))
-        with _output(out, overwrite, seal=PACKAGE_CARD) as tmp:
+        with sealed_output(out, overwrite, seal=PACKAGE_CARD) as tmp:
             with ShardWriter(tmp, [it.spec for it in items], max_shard_bytes=NO_SHARD_LIMIT,
                              prefix=PACKAGE_TENSORS.removesuffix(".safetensors")) as w:
                 for it in items:

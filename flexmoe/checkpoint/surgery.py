@@ -80,20 +80,20 @@ class PackageResult:
 # ---------------------------------------------------------------- streaming core
 
 @dataclass
-class _Item:
+class PlannedTensor:
     """One output tensor and how to produce it."""
 
     spec: TensorSpec
     emit: Callable[[ShardWriter], None]
 
 
-def _copy(name: str, reader: LazyReader, key: str) -> _Item:
+def copy_item(name: str, reader: LazyReader, key: str) -> PlannedTensor:
     spec = reader.spec(key)
-    return _Item(TensorSpec(name, spec.dtype, spec.shape), lambda w: w.copy_from(name, reader, key))
+    return PlannedTensor(TensorSpec(name, spec.dtype, spec.shape), lambda w: w.copy_from(name, reader, key))
 
 
-def _built(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], torch.Tensor]) -> _Item:
-    return _Item(TensorSpec(name, dtype, shape), lambda w: w.write(name, make()))
+def built_item(name: str, dtype: str, shape: tuple[int, ...], make: Callable[[], torch.Tensor]) -> PlannedTensor:
+    return PlannedTensor(TensorSpec(name, dtype, shape), lambda w: w.write(name, make()))
 
 
 class _OnDisk:
@@ -109,13 +109,13 @@ class _OnDisk:
         self.w.copy_from(self.to_disk(name), reader, key)
 
 
-def _stream(out_dir: Path, items: list[_Item], *, sources: list[LazyReader], max_shard_bytes: int, prefix: str,
-            progress: bool, desc: str, to_disk: Callable[[str], str] | None = None) -> list[str]:
+def stream_items(out_dir: Path, items: list[PlannedTensor], *, sources: list[LazyReader], max_shard_bytes: int,
+                 prefix: str, progress: bool, desc: str, to_disk: Callable[[str], str] | None = None) -> list[str]:
     """Write `items` in canonical order through one ShardWriter; returns the shard file names. The large shards
     of `sources` (every reader the items read) are hashed while they are read and checked at the end.
     `to_disk`: the family's canonical → on-disk tensor names (`Family.to_disk`), applied to every item."""
     if to_disk is not None:
-        items = [_Item(TensorSpec(to_disk(it.spec.name), it.spec.dtype, it.spec.shape), it.emit) for it in items]
+        items = [PlannedTensor(TensorSpec(to_disk(it.spec.name), it.spec.dtype, it.spec.shape), it.emit) for it in items]
     items = sorted(items, key=lambda it: natural_order(it.spec.name))
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
@@ -136,7 +136,7 @@ def _stream(out_dir: Path, items: list[_Item], *, sources: list[LazyReader], max
 
 
 @contextmanager
-def _output(out: Path, overwrite: bool, seal: str = MERGED_META) -> Iterator[Path]:
+def sealed_output(out: Path, overwrite: bool, seal: str = MERGED_META) -> Iterator[Path]:
     """`atomic_dir` sealed with its manifest, with OS failures (disk full, permissions) as one-line
     `CheckpointError`s."""
     try:
@@ -150,7 +150,7 @@ def _same_path(a: Path, b: Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
+def refuse_input_as_output(out: Path, inputs: list[Path]) -> None:
     for p in inputs:
         if _same_path(out, p):
             raise ConfigError(f"--out {out} is one of the inputs; choose another folder")
@@ -228,7 +228,7 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
     """Anchor + expert packages -> one transformers `flex_olmo` checkpoint (docs/FORMAT.md)."""
     t0 = time.perf_counter()
     anchor_dir, expert_dirs = Path(cfg.anchor), [Path(d) for d in cfg.experts]
-    _refuse_input_as_output(Path(out), [anchor_dir, *expert_dirs])
+    refuse_input_as_output(Path(out), [anchor_dir, *expert_dirs])
     out = check_output(out, overwrite)
     if not expert_dirs:
         raise ConfigError("merge needs at least one --expert package")
@@ -260,25 +260,25 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
         items = []
         for key in areader.keys():
             parsed = parse_dense_ffn(key)
-            items.append(_copy(expert_key(parsed[0], 0, parsed[1]) if parsed else key, areader, key))
+            items.append(copy_item(expert_key(parsed[0], 0, parsed[1]) if parsed else key, areader, key))
         for e, pkg in enumerate(pkgs, start=1):
             for layer in range(num_layers):
                 for p in FFN_PROJS:
-                    items.append(_copy(expert_key(layer, e, p), pkg.reader, dense_ffn_key(layer, p)))
+                    items.append(copy_item(expert_key(layer, e, p), pkg.reader, dense_ffn_key(layer, p)))
 
         def router(layer: int) -> torch.Tensor:  # (E, hidden) in the anchor dtype
             rows = [anchor.public_row] + [pkg.reader.get(package_row_key(layer)).reshape(-1) for pkg in pkgs]
             return torch.stack([r.to(DTYPE_TO_TORCH[dtype]) for r in rows])
 
-        items += [_built(router_key(layer), dtype, (num_experts, hidden), lambda layer=layer: router(layer))
+        items += [built_item(router_key(layer), dtype, (num_experts, hidden), lambda layer=layer: router(layer))
                   for layer in range(num_layers)]
         biases = torch.stack([torch.zeros(num_layers)] + [p.biases() for p in pkgs], dim=1)
         meta = merged_meta(fingerprint, top_k, cfg.top_k,
                             [{"name": PUBLIC_NAME}] + [{"name": p.card.name, "card": p.raw_card()} for p in pkgs])
         fcfg = moe_config(acfg, num_experts, top_k)
-        with _output(out, overwrite) as tmp:
-            shards = _stream(tmp, items, sources=[areader, *(p.reader for p in pkgs)], max_shard_bytes=max_shard,
-                             prefix="model", progress=progress, desc="merge", to_disk=family.to_disk)
+        with sealed_output(out, overwrite) as tmp:
+            shards = stream_items(tmp, items, sources=[areader, *(p.reader for p in pkgs)], max_shard_bytes=max_shard,
+                                  prefix="model", progress=progress, desc="merge", to_disk=family.to_disk)
             write_merged_files(tmp, side_src=anchor_dir, config=fcfg, meta=meta, biases=biases,
                                side_listed=anchor.files)
     return CheckpointResult(out=out, experts=[e["name"] for e in meta["experts"]], top_k=top_k, top_k_before=None,
@@ -286,7 +286,7 @@ def merge(cfg: MergeConfig, out: str | Path, *, overwrite: bool = False, progres
                             anchor_fingerprint=fingerprint, seconds=time.perf_counter() - t0)
 
 
-def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: bool, progress: bool, items: list[_Item],
+def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: bool, progress: bool, items: list[PlannedTensor],
           sources: list[LazyReader],
           experts: list[dict], biases: torch.Tensor, top_k: int, desc: str, notes: list[str],
           t0: float) -> CheckpointResult:
@@ -294,9 +294,9 @@ def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: boo
     requested = cfg.top_k if cfg.top_k is not None else m.meta.get("top_k_requested")
     meta = merged_meta(m.meta["anchor_fingerprint"], top_k, requested, experts)
     fcfg = moe_config(m.config, len(experts), top_k)
-    with _output(out, overwrite) as tmp:
-        shards = _stream(tmp, items, sources=sources, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
-                         progress=progress, desc=desc, to_disk=hf_config.family(m.config).to_disk)
+    with sealed_output(out, overwrite) as tmp:
+        shards = stream_items(tmp, items, sources=sources, max_shard_bytes=parse_size(cfg.shard_size), prefix="model",
+                              progress=progress, desc=desc, to_disk=hf_config.family(m.config).to_disk)
         write_merged_files(tmp, side_src=m.path, config=fcfg, meta=meta, biases=biases, side_listed=m.reader.listed)
         m.close()  # before the swap of an in-place edit
     return CheckpointResult(out=out, experts=[e["name"] for e in experts], top_k=top_k,
@@ -308,7 +308,7 @@ def _edit(m: Merged, out: Path, cfg: AddConfig | RemoveConfig, *, overwrite: boo
 
 def _check_edit_output(merged_dir: Path, out: Path, overwrite: bool, others: list[Path]) -> Path:
     out = Path(out)
-    _refuse_input_as_output(out, others)
+    refuse_input_as_output(out, others)
     if _same_path(out, merged_dir) and not overwrite:
         raise ConfigError(f"--out {out} is the input checkpoint; use --in-place to replace it atomically")
     return check_output(out, overwrite)
@@ -336,15 +336,15 @@ def add(cfg: AddConfig, out: str | Path, *, overwrite: bool = False, progress: b
         family = hf_config.family(m.config)
         requested = cfg.top_k if cfg.top_k is not None or family.renormalises else m.meta.get("top_k_requested")
         top_k = _resolve_top_k(requested, e_new + 1, family)
-        items = [_copy(k, m.reader, k) for k in m.reader.keys() if parse_router_key(k) is None]
-        items += [_copy(expert_key(layer, e_new, p), pkg.reader, dense_ffn_key(layer, p))
+        items = [copy_item(k, m.reader, k) for k in m.reader.keys() if parse_router_key(k) is None]
+        items += [copy_item(expert_key(layer, e_new, p), pkg.reader, dense_ffn_key(layer, p))
                   for layer in range(m.num_layers) for p in FFN_PROJS]
 
         def router(layer: int) -> torch.Tensor:  # (E+1, hidden)
             row = pkg.reader.get(package_row_key(layer)).reshape(1, -1).to(DTYPE_TO_TORCH[m.dtype])
             return torch.cat([m.reader.get(router_key(layer)), row])
 
-        items += [_built(router_key(layer), m.dtype, (e_new + 1, m.hidden_size), lambda layer=layer: router(layer))
+        items += [built_item(router_key(layer), m.dtype, (e_new + 1, m.hidden_size), lambda layer=layer: router(layer))
                   for layer in range(m.num_layers)]
         biases = torch.cat([m.biases, pkg.biases()[:, None]], dim=1)
         experts = m.meta["experts"] + [{"name": pkg.card.name, "card": pkg.raw_card()}]
@@ -377,13 +377,13 @@ def remove(cfg: RemoveConfig, out: str | Path, *, overwrite: bool = False, progr
             parsed = parse_expert_key(key)
             if parsed is None:
                 if parse_router_key(key) is None:
-                    items.append(_copy(key, m.reader, key))
+                    items.append(copy_item(key, m.reader, key))
             elif parsed[1] != j:
                 layer, e, p = parsed
-                items.append(_copy(expert_key(layer, e - (e > j), p), m.reader, key))
+                items.append(copy_item(expert_key(layer, e - (e > j), p), m.reader, key))
         keep = [e for e in range(m.num_experts) if e != j]
-        items += [_built(router_key(layer), m.dtype, (e_new, m.hidden_size),
-                         lambda layer=layer: m.reader.get(router_key(layer))[keep].contiguous())
+        items += [built_item(router_key(layer), m.dtype, (e_new, m.hidden_size),
+                             lambda layer=layer: m.reader.get(router_key(layer))[keep].contiguous())
                   for layer in range(m.num_layers)]
         experts = [e for i, e in enumerate(m.meta["experts"]) if i != j]
         notes = [f"top-k {before} -> {top_k} (min(k, E-1) with E-1 = {e_new})" if top_k != before
@@ -397,20 +397,20 @@ def extract(cfg: ExtractConfig, out: str | Path, *, overwrite: bool = False, pro
     """Give back one expert as a package: FFN, router row and bias exactly as merged, and the owner's card."""
     t0 = time.perf_counter()
     merged_dir, name = Path(cfg.merged), cfg.expert
-    _refuse_input_as_output(Path(out), [merged_dir])
+    refuse_input_as_output(Path(out), [merged_dir])
     out = check_output(out, overwrite)
     m = read_merged(merged_dir)
     try:
         j = m.index_of(name)
         items = []
         for layer in range(m.num_layers):
-            items += [_copy(dense_ffn_key(layer, p), m.reader, expert_key(layer, j, p)) for p in FFN_PROJS]
-            items.append(_built(package_row_key(layer), m.dtype, (m.hidden_size,),
-                                lambda layer=layer: m.reader.get(router_key(layer))[j].clone()))
-            items.append(_built(package_bias_key(layer), "F32", (), lambda layer=layer: m.biases[layer, j].clone()))
+            items += [copy_item(dense_ffn_key(layer, p), m.reader, expert_key(layer, j, p)) for p in FFN_PROJS]
+            items.append(built_item(package_row_key(layer), m.dtype, (m.hidden_size,),
+                                    lambda layer=layer: m.reader.get(router_key(layer))[j].clone()))
+            items.append(built_item(package_bias_key(layer), "F32", (), lambda layer=layer: m.biases[layer, j].clone()))
         order = {k: i for i, k in enumerate(package_keys(m.num_layers))}
         items.sort(key=lambda it: order[it.spec.name])
-        with _output(out, overwrite, seal=PACKAGE_CARD) as tmp:
+        with sealed_output(out, overwrite, seal=PACKAGE_CARD) as tmp:
             specs = [it.spec for it in items]
             # Every shard extract reads from is hashed whole, the other experts' bytes too: no copied byte unchecked.
             m.reader.hash_reads()

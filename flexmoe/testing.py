@@ -308,7 +308,7 @@ def build_synthetic_package(out_dir: str | Path, anchor: str | Path, name: str, 
     from flexmoe.io.package import PACKAGE_CARD, ExpertCard, package_keys
     from flexmoe.io.reader import LazyReader
     from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
-    from flexmoe.io.writer import ShardWriter
+    from flexmoe.io.writer import NO_SHARD_LIMIT, ShardWriter
     from flexmoe.io.keys import parse_dense_ffn
 
     a = read_anchor(anchor)
@@ -329,7 +329,7 @@ def build_synthetic_package(out_dir: str | Path, anchor: str | Path, name: str, 
             tensors[k] = torch.tensor(float(torch.rand((), generator=g)) - 0.75, dtype=torch.float32)
     specs = [TensorSpec(k, TensorSpec.of(k, pool.pool[:1]).dtype, shapes[k]) if tensors[k] is None
              else TensorSpec.of(k, tensors[k]) for k in keys]
-    with ShardWriter(out, specs, prefix="expert", max_shard_bytes=2**62) as w:
+    with ShardWriter(out, specs, prefix="expert", max_shard_bytes=NO_SHARD_LIMIT) as w:
         for k in keys:
             w.write(k, pool.tensor(shapes[k]) if tensors[k] is None else tensors[k])
         w.finalize()

@@ -21,11 +21,12 @@ from typing import Callable
 
 import torch
 
+from flexmoe.checkpoint.surgery import built_item, copy_item, stream_items
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io import hf_config
 from flexmoe.io.atomic import atomic_dir, check_output
 from flexmoe.io.jsonfile import read_json
-from flexmoe.io.merged import BIAS_FILE, MERGED_META
+from flexmoe.io.merged import BIAS_FILE, MERGED_META, NO_SHARD_LIMIT
 from flexmoe.io.reader import INDEX_NAME, LazyReader, model_files
 from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
 from flexmoe.io.writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -47,18 +48,16 @@ def _write_model(src: Path, tmp: Path, plan: dict[str, tuple[TensorSpec, Produce
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in skip:
             shutil.copy2(f, tmp / f.name)
-    with LazyReader.from_dir(src) as reader, ShardWriter(tmp, [s for s, _ in plan.values()],
-                                                         max_shard_bytes=DEFAULT_SHARD_BYTES) as w:
-        for name, (_, produce) in plan.items():
-            if isinstance(produce, str):
-                w.copy_from(name, reader, produce)
-            else:
-                w.write(name, produce().contiguous())
-        w.finalize()
+    with LazyReader.from_dir(src) as reader:  # through surgery's planner: canonical order, reads hashed
+        items = [copy_item(name, reader, produce) if isinstance(produce, str) else
+                 built_item(name, spec.dtype, spec.shape, lambda produce=produce: produce().contiguous())
+                 for name, (spec, produce) in plan.items()]
+        stream_items(tmp, items, sources=[reader], max_shard_bytes=DEFAULT_SHARD_BYTES, prefix="model",
+                     progress=False, desc="baseline")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if bias is not None:
         with ShardWriter(tmp, [TensorSpec.of(k, v) for k, v in bias.items()], prefix=BIAS_FILE.split(".")[0],
-                         max_shard_bytes=2**62) as w:
+                         max_shard_bytes=NO_SHARD_LIMIT) as w:
             for k, v in bias.items():
                 w.write(k, v)
             w.finalize()

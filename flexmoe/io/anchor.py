@@ -13,7 +13,7 @@ from flexmoe.io import hf_config, manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
-from flexmoe.io.writer import ShardWriter, ensure_index
+from flexmoe.io.writer import NO_SHARD_LIMIT, ShardWriter, ensure_index
 
 ANCHOR_META = "flexmoe_anchor.json"
 ANCHOR_ROUTER = "flexmoe_router.safetensors"
@@ -99,7 +99,7 @@ def write_anchor_files(out_dir: Path, meta: AnchorMeta, public_row: torch.Tensor
     if projection is not None:
         tensors["projection"] = projection.detach().float().contiguous()
     with ShardWriter(out_dir, [TensorSpec.of(k, v) for k, v in tensors.items()], prefix="flexmoe_router",
-                     max_shard_bytes=2**62) as w:
+                     max_shard_bytes=NO_SHARD_LIMIT) as w:
         for k, v in tensors.items():
             w.write(k, v)
         w.finalize()

@@ -20,7 +20,7 @@ from flexmoe.io.jsonfile import dump_json, read_json  # noqa: F401  (re-exported
 from flexmoe.io.package import PUBLIC_NAME
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
-from flexmoe.io.writer import ShardWriter
+from flexmoe.io.writer import NO_SHARD_LIMIT, ShardWriter
 from flexmoe.io.keys import FFN_PROJS, expert_key, router_bias_key, router_key
 
 MERGED_META = "flexmoe.json"
@@ -33,7 +33,6 @@ DEFAULT_TOP_K = 4
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
                 "chat_template.json")
-NO_SHARD_LIMIT = 2**62
 ROUTER_TUNING = "router_tuning"  # per-owner list in flexmoe.json's expert entries, one record per tuning run
 
 

@@ -19,7 +19,7 @@ from flexmoe.io import manifest
 from flexmoe.io.jsonfile import read_json
 from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec
-from flexmoe.io.writer import ShardWriter
+from flexmoe.io.writer import NO_SHARD_LIMIT, ShardWriter
 from flexmoe.io.keys import FFN_PROJS, dense_ffn_key, package_bias_key, package_row_key
 
 PACKAGE_TENSORS = "expert.safetensors"
@@ -102,7 +102,7 @@ def write_package(out_dir: Path, tensors: Mapping[str, torch.Tensor], card: Expe
         extra = sorted(set(tensors) ^ set(expected))
         raise CheckpointError(f"expert package tensors do not match the package layout (first difference: {extra[0]!r})")
     specs = [TensorSpec.of(k, tensors[k].detach().contiguous()) for k in expected]
-    with ShardWriter(out_dir, specs, prefix="expert", max_shard_bytes=2**62) as w:
+    with ShardWriter(out_dir, specs, prefix="expert", max_shard_bytes=NO_SHARD_LIMIT) as w:
         for k in expected:
             w.write(k, tensors[k].detach().contiguous())
         w.finalize()

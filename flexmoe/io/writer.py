@@ -23,6 +23,7 @@ from flexmoe.io.reader import LazyReader
 from flexmoe.io.safetensors_format import TensorSpec, encode_header, read_header, tensor_bytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+NO_SHARD_LIMIT = 2**62  # max_shard_bytes of a file that is always one shard (packages, sidecars)
 MODEL_PREFIX = "model"
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -67,7 +67,7 @@ def open_flex_source(path: str | Path, why: str) -> FlexSource:
                               "(or `flexmoe extract` its experts)")
     family = hf_config.family(config)
     try:
-        num_experts, num_layers = int(config[family.num_experts_key]), int(config["num_hidden_layers"])
+        num_experts, num_layers = family.num_experts(config), int(config["num_hidden_layers"])
         hidden, top_k = int(config["hidden_size"]), int(config.get("num_experts_per_tok", num_experts))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: not a complete FlexOlmo config ({e})") from e

@@ -38,7 +38,7 @@ Producer = str | Callable[[], torch.Tensor]
 
 
 def _read_json(path: Path) -> dict:
-    return read_json(path, "merged flex_olmo checkpoint")
+    return read_json(path, "merged checkpoint")
 
 
 def _write_model(src: Path, tmp: Path, plan: dict[str, tuple[TensorSpec, Producer]], config: dict,
@@ -53,7 +53,7 @@ def _write_model(src: Path, tmp: Path, plan: dict[str, tuple[TensorSpec, Produce
                  built_item(name, spec.dtype, spec.shape, lambda produce=produce: produce().contiguous())
                  for name, (spec, produce) in plan.items()]
         stream_items(tmp, items, sources=[reader], max_shard_bytes=DEFAULT_SHARD_BYTES, prefix="model",
-                     progress=False, desc="baseline")
+                     progress=False, desc="baseline", to_disk=hf_config.family(config).to_disk)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if bias is not None:
         with ShardWriter(tmp, [TensorSpec.of(k, v) for k, v in bias.items()], prefix=BIAS_FILE.split(".")[0],
@@ -76,10 +76,12 @@ def _mean(reader: LazyReader, keys: list[str], dtype: torch.dtype) -> Callable[[
 
 def soup(merged_dir: str | Path, out: str | Path, *, experts: list[str] | None = None,
          overwrite: bool = False) -> Path:
-    """Write the model soup of `experts` (default: every owner) of a merged checkpoint as a 2-expert flex_olmo."""
+    """Write the model soup of `experts` (default: every owner) of a merged checkpoint as a 2-expert model of its
+    family."""
     src, out = Path(merged_dir), check_output(out, overwrite)
     config = hf_config.require(src, hf_config.MOE, "a soup is made of a merged checkpoint")
-    num, layers = int(config["num_experts"]), int(config["num_hidden_layers"])
+    family = hf_config.family(config)
+    num, layers = family.num_experts(config), int(config["num_hidden_layers"])
     meta = _read_json(src / MERGED_META) if (src / MERGED_META).is_file() else None
     names = [e["name"] for e in meta["experts"]] if meta else ["public"] + [f"expert{i}" for i in range(1, num)]
     if len(names) != num:
@@ -121,7 +123,8 @@ def soup(merged_dir: str | Path, out: str | Path, *, experts: list[str] | None =
             for L in range(layers):
                 b = br.get(router_bias_key(L))  # (E,)
                 bias[router_bias_key(L)] = torch.stack([b[0], b[idx].float().mean().to(b.dtype)])
-    config = {**config, "num_experts": 2, "num_experts_per_tok": min(int(config["num_experts_per_tok"]), 2)}
+    # a family that renormalises the top-k weights has k = E, so min(k, 2) keeps k = E = 2
+    config = family.moe_config(config, 2, min(int(config["num_experts_per_tok"]), 2))
     new_meta = {**(meta or {"format": "flexmoe-merged/1"}), "top_k": config["num_experts_per_tok"],
                 "experts": [{"name": "public"}, {"name": "soup", "soup_of": chosen}]}
     try:

@@ -52,7 +52,7 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
     else:
         # Clear errors before anything is loaded: a missing directory, --top-k on a dense model.
         if not hf_config.is_moe(hf_config.model_type(cfg.model)) and cfg.top_k is not None:
-            raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
+            raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         lm = B.load_causal_lm(cfg.model, bias=cfg.bias, device=device,
                               experts_implementation=_kernel(cfg))
@@ -95,7 +95,7 @@ def top_k_override(cfg, scorer):
     try:
         if cfg.top_k is not None:
             if not moe:
-                raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
+                raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
             for m in moe:
                 R.set_top_k(m, cfg.top_k)
         yield moe

@@ -1,6 +1,7 @@
-"""Routing statistics of a FlexOlmo model: which experts each token's top-k picks, per domain and layer.
+"""Routing statistics of a merged model: which experts each token's top-k picks, per domain and layer.
 
-Forward hooks on every `FlexOlmoTopKRouter` (stock, or flexmoe's `BiasedTopKRouter` subclass) read the router's
+Forward hooks on every stock top-k router of an anchor family's MoE class (`FlexOlmoTopKRouter`,
+`Qwen3MoeTopKRouter`, `MixtralTopKRouter`, or flexmoe's biased subclasses of them) read the router's
 output `(router_logits (N, E), router_scores (N, k), router_indices (N, k))`, N = B*T flattened tokens, and
 count only the tokens that are not padding. Per layer and expert:
 - `fraction[L][e]`: share of tokens whose top-k includes e (so each row sums to k);
@@ -40,14 +41,12 @@ class RoutingStats:
 
 
 def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, router module) of every FlexOlmo router in `model`, in layer order; [] for a dense model."""
-    try:
-        from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
-    except ImportError:  # pragma: no cover - transformers without flex_olmo
-        return []
+    """(layer index, router module) of every top-k router in `model`, in layer order; [] for a dense model."""
+    from flexmoe.router.biased import STOCK_ROUTERS
+
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, FlexOlmoTopKRouter):
+        if isinstance(module, STOCK_ROUTERS):
             m = _LAYER.search(name)
             found.append((int(m.group(1)) if m else len(found), module))
     return sorted(found, key=lambda x: x[0])
@@ -55,13 +54,18 @@ def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
 
 def set_top_k(model: torch.nn.Module, k: int) -> int:
     """Route every token to `k` experts (0 = all); returns the k in effect. The model is changed in place."""
+    from flexmoe.router.biased import RENORMALISING_ROUTERS
+
     rs = routers(model)
     if not rs:
-        raise ConfigError("--top-k needs a mixture-of-experts (flex_olmo) model; this one is dense")
+        raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
     num = rs[0][1].num_experts
     k = num if k == 0 else k
     if not 1 <= k <= num:
         raise ConfigError(f"top-k {k} is out of range: the model has {num} experts (use 1..{num}, or 0 / 'all')")
+    if k < num and isinstance(rs[0][1], RENORMALISING_ROUTERS):
+        raise ConfigError(f"top-k {k} < {num} experts on a {type(model).__name__}: its router renormalises the "
+                          f"top-k weights, which is not FlexOlmo's routing; use top-k {num} (or 0 / 'all')")
     for _, r in rs:
         r.top_k = k
     if hasattr(model, "config"):
@@ -92,7 +96,7 @@ class RoutingRecorder:
     def __init__(self, model: torch.nn.Module, names: list[str]):
         self._routers = routers(model)
         if not self._routers:
-            raise ConfigError("routing statistics need a flex_olmo model")
+            raise ConfigError("routing statistics need a mixture-of-experts model")
         self.num_experts = self._routers[0][1].num_experts
         self.names = names
         self.domain = ""

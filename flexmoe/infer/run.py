@@ -23,6 +23,7 @@ class GenerateResult:
     decode_s: float
     device: str
     fast: bool
+    notes: list[str] = dataclasses.field(default_factory=list)  # one line each, e.g. a fallback taken
 
     @property
     def tok_s(self) -> float:
@@ -52,9 +53,15 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     batch = tokenizer(list(cfg.prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     eos = model.generation_config.eos_token_id
+    notes = []
     if cfg.fast:
-        # flexmoe's experts kernel knows FlexOlmo's experts only; other families decode with their stock forward
-        decoder = enable_fast_path(model) if kind == families.OLMO2.moe_type else FastDecoder(model.eval())
+        if kind == families.OLMO2.moe_type:
+            decoder = enable_fast_path(model)
+        else:  # the static-cache decoder over the stock forward: dense anchors, and the other families' MoE models
+            decoder = FastDecoder(model.eval())
+        if kind != families.OLMO2.moe_type and hf_config.is_moe(kind):
+            notes.append(f"note: flexmoe's experts kernel supports FlexOlmo only; this {type(model).__name__} "
+                         "decodes with stock transformers' experts (static cache and CUDA graphs still on)")
         out = decoder.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
         seqs, prefill_s, decode_s = out.sequences, out.prefill_s, out.decode_s
     else:
@@ -70,4 +77,5 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     counts = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new]  # up to the EOS
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(new, counts)], skip_special_tokens=True)
     return GenerateResult(model=str(cfg.model), prompts=list(cfg.prompts), texts=texts, new_tokens=counts,
-                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast)
+                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast,
+                          notes=notes)

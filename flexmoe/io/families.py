@@ -22,6 +22,9 @@ from typing import Callable
 
 from flexmoe.io.keys import DENSE_FFN_TEMPLATE, EXPERT_FFN_TEMPLATE, ROUTER_TEMPLATE
 
+# transformers v5 saves E as either name (each MoE config's attribute_map aliases the other): stock Qwen3-MoE
+# folders say num_local_experts, the released ones num_experts. Read both, write one (`Family.num_experts_key`).
+_EXPERT_COUNT = ("num_experts", "num_local_experts")
 # Keys a MoE config.json has and its dense anchor's does not (dropped by `dense_config`).
 _MOE_ONLY = ("num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef",
              "output_router_logits")
@@ -44,6 +47,7 @@ class Family:
     router: str = ROUTER_TEMPLATE  # "…{layer}…", shape (E, hidden)
     caveat: str = ""
     renormalises: bool = False  # the MoE router always renormalises the top-k weights: only k = E is FlexOlmo's
+    pre_norm: bool = False  # the router reads post_attention_layernorm's output (else, OLMo-2: the raw residual)
     num_experts_key: str = "num_experts"  # the MoE config.json's key for E
     dense_only: tuple[str, ...] = ()  # dense-only keys dropped by `moe_config` (`moe_check` refuses unusual values)
     moe_check: Callable[[dict], None] = field(default=lambda base: None)
@@ -54,13 +58,20 @@ class Family:
         """A dense (or this family's MoE) config.json as the MoE one: top-k over a softmax of all E experts, no
         renormalisation (FlexOlmo's semantics); every other key is kept as is."""
         self.moe_check(base)
-        cfg = {k: v for k, v in base.items() if k not in self.dense_only}
+        cfg = {k: v for k, v in base.items() if k not in self.dense_only + _EXPERT_COUNT}
         cfg.update(self.moe_extra(base), model_type=self.moe_type, architectures=[self.moe_class],
                    num_experts_per_tok=top_k)
         cfg[self.num_experts_key] = num_experts
         if not self.renormalises:
             cfg["norm_topk_prob"] = False
         return cfg
+
+    def num_experts(self, config: dict) -> int:
+        """E of this family's MoE config.json, under either name (`KeyError` when it has neither)."""
+        for key in (self.num_experts_key, *_EXPERT_COUNT):
+            if key in config:
+                return int(config[key])
+        raise KeyError(self.num_experts_key)
 
     def to_disk(self, key: str) -> str:
         """flexmoe's canonical tensor name → the name this family's MoE class saves it under."""
@@ -117,6 +128,7 @@ OLMO2 = Family("olmo2", "Olmo2ForCausalLM", "flex_olmo", "FlexOlmoForCausalLM", 
 QWEN3 = Family("qwen3", "Qwen3ForCausalLM", "qwen3_moe", "Qwen3MoeForCausalLM", "a Qwen3 model", "a Qwen3-MoE model",
                moe_extra=_qwen3_moe,
                moe_drop=("num_local_experts", "mlp_only_layers", "decoder_sparse_step", "moe_intermediate_size"),
+               pre_norm=True,
                caveat="pre-norm blocks: the router reads the RMS-normalised residual (post_attention_layernorm)")
 
 _MIXTRAL_CAVEAT = ("pre-norm blocks; Mixtral always renormalises the top-k weights, so only k = E is FlexOlmo's "
@@ -124,7 +136,8 @@ _MIXTRAL_CAVEAT = ("pre-norm blocks; Mixtral always renormalises the top-k weigh
 _MIXTRAL_KW = dict(moe_type="mixtral", moe_class="MixtralForCausalLM", moe_label="a Mixtral model",
                    moe_extra=_mixtral, moe_drop=("num_local_experts", "router_jitter_noise"),
                    dense_only=("attention_bias", "mlp_bias", "pretraining_tp"), moe_check=_llama_check,
-                   renormalises=True, num_experts_key="num_local_experts", disk_names=_MIXTRAL_TO_DISK,
+                   renormalises=True, pre_norm=True, num_experts_key="num_local_experts",
+                   disk_names=_MIXTRAL_TO_DISK,
                    canonical_names=_MIXTRAL_FROM_DISK,
                    caveat=_MIXTRAL_CAVEAT)
 LLAMA = Family("llama", "LlamaForCausalLM", label="a Llama model", **_MIXTRAL_KW)

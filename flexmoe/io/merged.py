@@ -81,7 +81,7 @@ def model_card(config: dict, meta: dict, biases: torch.Tensor) -> str:
                     f"| {data.get('documents', '-')} | {data.get('tokens', '-')} | {card.get('steps', '-')} "
                     f"| {'-' if loss is None else f'{loss:.4g}'} | {float(applied[i]):.4g} |")
     fam = hf_config.family(config)
-    e_total, k = config[fam.num_experts_key], config["num_experts_per_tok"]
+    e_total, k = fam.num_experts(config), config["num_experts_per_tok"]
     routing = ("renormalised over all E experts (Mixtral always renormalises; at k = E that is FlexOlmo's routing)"
                if fam.renormalises else "without renormalisation (`norm_topk_prob: false`)")
     return "\n".join([
@@ -170,9 +170,13 @@ def read_merged(path: str | Path) -> Merged:
         raise CheckpointError(f"{path}: corrupt {MERGED_META} or config.json ({e})") from e
     if not names or names[0] != PUBLIC_NAME or len(set(names)) != len(names):
         raise CheckpointError(f"{path / MERGED_META}: expert list must start with {PUBLIC_NAME!r} and have unique names")
-    e_key = hf_config.family(config).num_experts_key
-    if int(config.get(e_key, -1)) != len(names):
-        raise CheckpointError(f"{path}: config.json has {e_key}={config.get(e_key)}, "
+    family = hf_config.family(config)
+    try:
+        num_experts = family.num_experts(config)
+    except (KeyError, TypeError, ValueError):
+        num_experts = None
+    if num_experts != len(names):
+        raise CheckpointError(f"{path}: config.json has {family.num_experts_key}={num_experts}, "
                               f"{MERGED_META} lists {len(names)} experts")
     reader = LazyReader.from_dir(path, listed=listed)
     try:

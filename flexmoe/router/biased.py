@@ -80,6 +80,11 @@ class BiasedMixtralTopKRouter(_Biased, MixtralTopKRouter):
     norm_topk_prob = True
 
 
+# The stock top-k router classes of the families' MoE models (their biased subclasses are instances too), and
+# those that always renormalise the top-k weights (FlexOlmo's routing only at k = E).
+STOCK_ROUTERS = (FlexOlmoTopKRouter, Qwen3MoeTopKRouter, MixtralTopKRouter)
+RENORMALISING_ROUTERS = (MixtralTopKRouter,)
+
 # The biased router of each anchor family's MoE model_type (flexmoe.io.families).
 BIASED_ROUTERS = {"flex_olmo": BiasedTopKRouter, "qwen3_moe": BiasedQwen3MoeTopKRouter,
                   "mixtral": BiasedMixtralTopKRouter}

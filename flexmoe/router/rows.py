@@ -85,23 +85,30 @@ def random_row(public_row: torch.Tensor, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def hidden_mean_row(anchor: Anchor, data, *, num_seqs: int, batch_size: int, device: str = "cpu") -> torch.Tensor:
-    """Mean of the anchor's final residual stream (input of the last norm) over owner sequences, norm of r_pub.
+    """Mean hidden state over owner sequences, scaled to the norm of r_pub: in OLMo-2 the anchor's final residual
+    stream (input of the last norm; its routers read the raw residual), in a pre-norm family (Qwen3, Llama) the last
+    layer's post_attention_layernorm output, which is what its routers read.
 
     `data` is a `flexmoe.data.PackedData`; the first `num_seqs` blocks of its seeded order are used.
     """
     from flexmoe.expert.upcycle import load_dense
+    from flexmoe.io import hf_config
 
     model = load_dense(anchor).to(device).eval()
     total = torch.zeros(model.config.hidden_size, dtype=torch.float64, device=device)
     count = 0
 
-    def grab(_module, args):
+    def grab(h: torch.Tensor) -> None:
         nonlocal count
-        h = args[0].reshape(-1, args[0].shape[-1])  # (N, H)
+        h = h.reshape(-1, h.shape[-1])  # (N, H)
         total.add_(h.double().sum(0))
         count += h.shape[0]
 
-    handle = model.model.norm.register_forward_pre_hook(grab)
+    if hf_config.family(hf_config.read_config(anchor.path)).pre_norm:
+        norm = model.model.layers[-1].post_attention_layernorm
+        handle = norm.register_forward_hook(lambda _m, _args, out: grab(out))
+    else:
+        handle = model.model.norm.register_forward_pre_hook(lambda _m, args: grab(args[0]))
     try:
         n = min(num_seqs, data.num_blocks)
         for start in range(0, n, batch_size):

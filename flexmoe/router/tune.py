@@ -16,35 +16,36 @@ biases into the sidecar, and each owner's entry in `flexmoe.json` gets a `router
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from flexmoe.config import parse_size
 from flexmoe.errors import CheckpointError, ConfigError
-from flexmoe.io.atomic import atomic_dir
-from flexmoe.io.merged import MERGED_META, ROUTER_TUNING, read_merged, write_merged_files
-from flexmoe.io.safetensors_format import DTYPE_TO_TORCH, TensorSpec
-from flexmoe.io.writer import ShardWriter
-from flexmoe.io.keys import natural_order, parse_router_key, router_key
-from flexmoe.router.biased import BiasedTopKRouter
+from flexmoe.checkpoint.surgery import built_item, copy_item, sealed_output, stream_items
+from flexmoe.io import hf_config
+from flexmoe.io.merged import ROUTER_TUNING, read_merged, write_merged_files
+from flexmoe.io.safetensors_format import DTYPE_TO_TORCH
+from flexmoe.io.keys import parse_router_key, router_key
+from flexmoe.router.biased import BiasedMixtralTopKRouter, BiasedQwen3MoeTopKRouter, BiasedTopKRouter, _Biased
 
 if TYPE_CHECKING:
     from flexmoe.train.loop import TrainStats
 
 
-class TunableRouter(BiasedTopKRouter):
-    """Identical to `BiasedTopKRouter` except: its weight is `[public_row; owner_rows]` and its raw bias
-    `[0; owner_bias]`, with the public row frozen and the owners' rows and biases trainable (separate tensors, so
-    the frozen row gets no optimizer state and no weight decay), and the biased logits of the last forward are
-    kept in `router_logits` for the router z-loss (`flexmoe.train.losses.router_z_loss`, which says why).
+class Tunable:
+    """Mixed in before a family's biased router (`flexmoe.router.biased`): its weight becomes
+    `[public_row; owner_rows]` and its raw bias `[0; owner_bias]`, with the public row frozen and the owners' rows and
+    biases trainable (separate tensors, so the frozen row gets no optimizer state and no weight decay), and the
+    biased logits of the last forward are kept in `router_logits` for the router z-loss
+    (`flexmoe.train.losses.router_z_loss`, which says why).
     """
 
-    def __init__(self, router: BiasedTopKRouter, config):
+    def __init__(self, router: _Biased, config):
         super().__init__(config)
         del self.weight, self.expert_bias  # replaced by the split below
         weight = router.weight.detach()  # (E, H)
@@ -65,17 +66,34 @@ class TunableRouter(BiasedTopKRouter):
         return router_logits, scores, indices
 
 
-def make_tunable(model) -> list[TunableRouter]:
-    """Swap every layer's router of a `load_model`ed merged model for a `TunableRouter`; freeze everything else."""
+class TunableRouter(Tunable, BiasedTopKRouter):
+    """The tunable `BiasedTopKRouter` (FlexOlmo)."""
+
+
+class TunableQwen3MoeRouter(Tunable, BiasedQwen3MoeTopKRouter):
+    """The tunable `BiasedQwen3MoeTopKRouter`."""
+
+
+class TunableMixtralRouter(Tunable, BiasedMixtralTopKRouter):
+    """The tunable `BiasedMixtralTopKRouter` (k = E: renormalising the full softmax changes nothing)."""
+
+
+TUNABLE = {BiasedTopKRouter: TunableRouter, BiasedQwen3MoeTopKRouter: TunableQwen3MoeRouter,
+           BiasedMixtralTopKRouter: TunableMixtralRouter}
+
+
+def make_tunable(model) -> list[Tunable]:
+    """Swap every layer's router of a `load_model`ed merged model for its family's `Tunable` router; freeze
+    everything else."""
     for p in model.parameters():
         p.requires_grad = False
     routers = []
     for layer in model.model.layers:
         gate = layer.mlp.gate
-        if not isinstance(gate, BiasedTopKRouter) or gate.num_experts < 2:
+        if type(gate) not in TUNABLE or gate.num_experts < 2:
             raise CheckpointError("router tuning needs a merged checkpoint loaded with its biases and at least one "
                                   "owner expert")
-        layer.mlp.gate = TunableRouter(gate, model.config).to(gate.weight.device)
+        layer.mlp.gate = TUNABLE[type(gate)](gate, model.config).to(gate.weight.device)
         routers.append(layer.mlp.gate)
     return routers
 
@@ -84,7 +102,7 @@ def make_tunable(model) -> list[TunableRouter]:
 def tuned_router(model) -> tuple[torch.Tensor, torch.Tensor]:
     """(owner rows (L, E-1, H) float32, raw owner biases (L, E-1) float32) of a tuned model, on CPU."""
     routers = [layer.mlp.gate for layer in model.model.layers]
-    if not all(isinstance(r, TunableRouter) for r in routers):
+    if not all(isinstance(r, Tunable) for r in routers):
         raise CheckpointError("model has no tunable routers (see `make_tunable`)")
     return (torch.stack([r.owner_rows.detach().float().cpu() for r in routers]),
             torch.stack([r.owner_bias.detach().float().cpu() for r in routers]))
@@ -107,24 +125,24 @@ def write_tuned(merged_dir: str | Path, out: str | Path, rows: torch.Tensor, bia
             raise CheckpointError(f"tuned router of shape {list(rows.shape)} / {list(biases.shape)} does not fit "
                                   f"{m.path} ({L} layers, {E} experts, hidden {H})")
         dtype = DTYPE_TO_TORCH[m.dtype]
-        specs = sorted((m.reader.spec(k) for k in m.reader.keys()), key=lambda s: natural_order(s.name))
         experts = [dict(e) for e in m.meta["experts"]]
         for e in experts[1:]:
             e[ROUTER_TUNING] = [*e.get(ROUTER_TUNING, []), record]
         meta = {**m.meta, "experts": experts}
         new_biases = torch.cat((m.biases[:, :1], biases.float()), dim=1).contiguous()  # (L, E)
-        with atomic_dir(out, overwrite, seal=MERGED_META) as tmp:
-            m.reader.hash_reads()  # the large shards, against the manifest, while they are copied
-            with ShardWriter(tmp, [TensorSpec(s.name, s.dtype, s.shape) for s in specs],
-                             max_shard_bytes=parse_size(shard_size)) as w:
-                for s in tqdm(specs, desc="write", unit="tensor", disable=not progress):
-                    layer = parse_router_key(s.name)
-                    if layer is None:
-                        w.copy_from(s.name, m.reader)
-                    else:  # row 0 (r_pub) keeps its bytes; the owners' rows are the tuned ones
-                        w.write(s.name, torch.cat((m.reader.get(router_key(layer))[:1], rows[layer].to(dtype))))
-                shards = w.finalize()
-            m.reader.check_reads()
+
+        def router(layer: int) -> torch.Tensor:  # row 0 (r_pub) keeps its bytes; the owners' rows are the tuned ones
+            return torch.cat((m.reader.get(router_key(layer))[:1], rows[layer].to(dtype)))
+
+        items = []
+        for key in m.reader.keys():
+            layer, spec = parse_router_key(key), m.reader.spec(key)
+            items.append(copy_item(key, m.reader, key) if layer is None else
+                         built_item(key, spec.dtype, spec.shape, functools.partial(router, layer)))
+        with sealed_output(out, overwrite) as tmp:
+            shards = stream_items(tmp, items, sources=[m.reader], max_shard_bytes=parse_size(shard_size),
+                                  prefix="model", progress=progress, desc="write",
+                                  to_disk=hf_config.family(m.config).to_disk)
             write_merged_files(tmp, side_src=m.path, config=m.config, meta=meta, biases=new_biases,
                                side_listed=m.reader.listed)
     finally:

@@ -4,8 +4,8 @@ router z-loss, and the public routing loss of router training (`config.RouterTra
 Loss = ce + lm_z * mean(lse^2) + router_z * `router_z_loss` + route * `public_route_loss` (no load-balancing loss).
 
 The router terms read the router logits of the last forward, which the routing modules keep in `router_logits`
-(`ExpertMoEBlock`, `TunableRouter`): a decoder layer of transformers returns its hidden states only, so there is
-no return path from a router to the loss, and `output_router_logits` would collect the same tensors through
+(`ExpertMoEBlock`, `flexmoe.router.tune.Tunable`): a decoder layer of transformers returns its hidden states only,
+so there is no return path from a router to the loss, and `output_router_logits` would collect the same tensors through
 forward hooks (a side effect just the same, and it knows nothing of `ExpertMoEBlock`).
 """
 
@@ -17,9 +17,9 @@ from torch import nn
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexmoe.expert.upcycle import ExpertMoEBlock, compute_dtype
-from flexmoe.router.tune import TunableRouter
+from flexmoe.router.tune import Tunable
 
-ROUTERS = (ExpertMoEBlock, TunableRouter)  # the modules that keep `router_logits` (T, E) of their last forward
+ROUTERS = (ExpertMoEBlock, Tunable)  # the modules that keep `router_logits` (T, E) of their last forward
 
 
 def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,8 +38,6 @@ def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias
     if as_json:
         o.emit(result, True, "")
         return
-    for note in result.notes:
-        click.echo(note, err=True)
     for prompt, text in zip(result.prompts, result.texts):
         click.echo(f"{prompt}{text}")
         click.echo("")

@@ -783,7 +783,7 @@ class ExtractionConfig(Config):
         batch_size: prefixes decoded at once.
         dtype: None: bfloat16 on CUDA, float32 on CPU.
         bias: False loads a merged checkpoint as stock transformers does (no expert bias).
-        fast: flexmoe's fast decoder for a FlexOlmo model on CUDA (else, and always for dense models: `generate`).
+        fast: flexmoe's fast decoder for a merged (MoE) model on CUDA (else, and always for dense models: `generate`).
     """
 
     model: Path

@@ -7,7 +7,7 @@ The measurement (`audit_extraction`; FLEXOLMO.md §5 gives the paper's numbers, 
    in each one token offset o uniform in [0, len - P - G]. One sample per document keeps the samples independent,
    which the confidence intervals assume.
 3. The prefix ids[o : o+P] is fed as it is (no BOS/EOS added) and greedily continued by G tokens, in batches:
-   flexmoe's fast decoder (flexmoe/infer) for a FlexOlmo model on CUDA, stock `generate` otherwise. An EOS ends
+   flexmoe's fast decoder (flexmoe/infer) for a merged model on CUDA, stock `generate` otherwise. An EOS ends
    the continuation, as in `generate`.
 4. Per sample, with gen = the continuation up to its first EOS and true = ids[o+P : o+P+G]:
    lcp = leading tokens of gen equal to true; exact: lcp == G; half: 2 * lcp >= G; lcp fraction lcp / G;
@@ -36,7 +36,7 @@ from flexmoe.data import load_tokenizer
 from flexmoe.errors import CheckpointError, ConfigError, DataError
 from flexmoe.eval import bpb as B
 from flexmoe.eval.evaluate import versions
-from flexmoe.io import families, hf_config
+from flexmoe.io import hf_config
 
 PAPER_SIMILARITY = 0.9  # normalised Levenshtein similarity that the paper counts as extracted
 CONFIDENCE = 0.95
@@ -229,7 +229,7 @@ def audit_extraction(cfg: ExtractionConfig, out: Path | None, *, overwrite: bool
     if len(tokenizer) > model.config.vocab_size:
         raise CheckpointError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens, the model only "
                               f"{model.config.vocab_size}")
-    fast = cfg.fast and kind == families.OLMO2.moe_type and device.type == "cuda"  # the kernel knows FlexOlmo only
+    fast = cfg.fast and hf_config.is_moe(kind) and device.type == "cuda"
     prefixes = torch.tensor([token_lists[d][o: o + cfg.prefix_len] for d, o in picks], dtype=torch.long)  # (N, P)
     eos = model.generation_config.eos_token_id
     if eos is None:

@@ -1,4 +1,4 @@
-"""Fast inference for merged FlexOlmo checkpoints, plugged into transformers' own extension points.
+"""Fast inference for merged checkpoints of every anchor family, plugged into transformers' own extension points.
 
 - `flexmoe.infer.experts`: an experts kernel registered in transformers' `ALL_EXPERTS_FUNCTIONS` ("flexmoe"):
   host-sync-free sort + grouped GEMM (Triton for decode-sized batches, `torch._grouped_mm` for prefill).
@@ -25,7 +25,8 @@ def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | 
     """Switch `model` to flexmoe's experts kernel and attach a `FastDecoder` (used by `fast_generate`).
 
     Args:
-        model: a `FlexOlmoForCausalLM` on its final device and dtype.
+        model: a `FlexOlmoForCausalLM` (or `Qwen3MoeForCausalLM`, `MixtralForCausalLM`: the same experts layout) on
+            its final device and dtype.
         cuda_graphs: capture decode steps in CUDA graphs (default: when on CUDA).
         compile: torch.compile each decoder layer for the decode step (see `FastDecoder`).
         experts: the registered experts kernel ("flexmoe", "flexmoe_grouped", "flexmoe_triton", or a stock one).

@@ -1,4 +1,5 @@
-"""flexmoe's experts kernel for `FlexOlmoExperts`, plugged into transformers' `ALL_EXPERTS_FUNCTIONS` registry.
+"""flexmoe's experts kernel for `FlexOlmoExperts` (and `Qwen3MoeExperts`, `MixtralExperts`, which store the same
+layout), plugged into transformers' `ALL_EXPERTS_FUNCTIONS` registry.
 
 transformers routes `FlexOlmoExperts.forward(hidden_states, top_k_index, top_k_weights)` through
 `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`, so registering a function under a name and calling
@@ -44,7 +45,7 @@ def register() -> None:
 
 def flexmoe_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Experts forward with transformers' signature; `self` is a `FlexOlmoExperts`.
+    """Experts forward with transformers' signature; `self` is a `FlexOlmoExperts` (or a family's equivalent).
 
     Args:
         hidden_states: (T, H) tokens.

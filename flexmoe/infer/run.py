@@ -23,7 +23,6 @@ class GenerateResult:
     decode_s: float
     device: str
     fast: bool
-    notes: list[str] = dataclasses.field(default_factory=list)  # one line each, e.g. a fallback taken
 
     @property
     def tok_s(self) -> float:
@@ -36,7 +35,7 @@ class GenerateResult:
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.checkpoint.load import load_model
     from flexmoe.data import load_tokenizer
-    from flexmoe.io import families, hf_config
+    from flexmoe.io import hf_config
 
     device = cfg.device.torch()
     dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
@@ -53,15 +52,10 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     batch = tokenizer(list(cfg.prompts), return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     eos = model.generation_config.eos_token_id
-    notes = []
     if cfg.fast:
-        if kind == families.OLMO2.moe_type:
-            decoder = enable_fast_path(model)
-        else:  # the static-cache decoder over the stock forward: dense anchors, and the other families' MoE models
-            decoder = FastDecoder(model.eval())
-        if kind != families.OLMO2.moe_type and hf_config.is_moe(kind):
-            notes.append(f"note: flexmoe's experts kernel supports FlexOlmo only; this {type(model).__name__} "
-                         "decodes with stock transformers' experts (static cache and CUDA graphs still on)")
+        # every family's MoE class keeps its experts as FlexOlmo does (gated, (E, 2I, H) / (E, H, I), no bias), so
+        # flexmoe's experts kernel serves them all; a dense anchor has no experts to swap
+        decoder = enable_fast_path(model) if hf_config.is_moe(kind) else FastDecoder(model.eval())
         out = decoder.generate(ids, mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
         seqs, prefill_s, decode_s = out.sequences, out.prefill_s, out.decode_s
     else:
@@ -77,5 +71,4 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     counts = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new]  # up to the EOS
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(new, counts)], skip_special_tokens=True)
     return GenerateResult(model=str(cfg.model), prompts=list(cfg.prompts), texts=texts, new_tokens=counts,
-                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast,
-                          notes=notes)
+                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast)

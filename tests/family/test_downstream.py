@@ -1,5 +1,5 @@
 """Everything downstream of a merge on the other anchor families (Qwen3 -> Qwen3Moe, Llama -> Mixtral): tune-router,
-eval's routing statistics and --top-k, generate (the stock-experts fallback of the fast path, with its note), the
+eval's routing statistics and --top-k, generate and flexmoe's experts kernel (the same experts layout), the
 soup baseline, import-expert of a stock 2-expert folder, and the hidden-mean router source of a pre-norm family."""
 
 from __future__ import annotations
@@ -93,13 +93,25 @@ def test_eval_top_k_below_e(merged):
         assert res.routing.top_k == 1 and sum(res.routing.domains["code"].fraction[0]) == pytest.approx(1)
 
 
-def test_generate_falls_back_to_stock_experts_with_a_note(merged):
-    family, _, _, m, _ = merged
+def test_generate_fast_path_equals_stock_generate(merged):
+    _, _, _, m, _ = merged
     fast = api.generate(GenerateConfig(model=m, prompts=["w1 w2 w3", "w4"], max_new_tokens=6, device="cpu"))
     stock = api.generate(GenerateConfig(model=m, prompts=["w1 w2 w3", "w4"], max_new_tokens=6, device="cpu",
                                         fast=False))
-    assert fast.texts == stock.texts  # greedy, fp32: the static-cache decoder is the stock forward
-    assert len(fast.notes) == 1 and FAMILIES[family][0] in fast.notes[0] and not stock.notes
+    assert fast.texts == stock.texts and fast.fast and not stock.fast
+
+
+def test_flexmoe_experts_kernel_serves_the_family(merged):
+    from flexmoe.checkpoint.load import load_model
+    from flexmoe.infer import EXPERTS_IMPL, enable_fast_path
+
+    _, _, _, m, _ = merged
+    ids = torch.randint(2, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    stock, fast = load_model(m), load_model(m)
+    enable_fast_path(fast)
+    assert fast.config._experts_implementation == EXPERTS_IMPL
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, stock(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_soup_is_a_two_expert_model_of_the_family(merged, tmp_path, capfd):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -45,7 +46,9 @@ def model_files(model_dir: Path) -> list[Path]:
 
 
 class LazyReader:
-    """Maps tensor names to locations in one or more safetensors files; reads one tensor at a time.
+    """Maps tensor names to locations in one or more safetensors files and reads tensors by positional reads
+    (`os.pread`, `os.copy_file_range` at an offset), so several threads may read through one reader at once (the
+    ShardWriter writes shards in parallel). Each file read is opened once and stays open until `close`.
 
     `listed`: the manifest of the files' folder, as its reader checked it; `hash_reads` then hashes each large file
     against it from the moment it is first read.
@@ -64,8 +67,8 @@ class LazyReader:
                 raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} appears in two shards")
             self._loc.update(locs)
             self.metadata.update(meta)
-        self._fh: dict[Path, object] = {}
-        self._read: set[Path] = set()  # every file read so far (only one is open at a time)
+        self._fds: dict[Path, int] = {}  # every file read so far, open
+        self._lock = threading.Lock()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, *, listed: manifest.Listed | None = None) -> "LazyReader":
@@ -99,13 +102,14 @@ class LazyReader:
         """From here on, hash every large listed file (`manifest.Listed.large`) in a thread of its own from the
         moment this reader first reads it (with `now`: all of them at once, for a reader of the same files that
         is not this one, e.g. transformers); `check_reads` compares. A no-op without a manifest."""
-        if self._hashing is None:
-            self._hashing = {}
-        if now:
-            for f in self.files:
+        with self._lock:
+            if self._hashing is None:
+                self._hashing = {}
+            if now:
+                for f in self.files:
+                    self._start_hash(f)
+            for f in self._fds:  # read before this call: still hashed (from the start, like all of them)
                 self._start_hash(f)
-        for f in self._read:  # read before this call: still hashed (from the start, like all of them)
-            self._start_hash(f)
 
     def _start_hash(self, path: Path) -> None:
         want = self.listed.large(path) if self.listed is not None else None
@@ -132,70 +136,58 @@ class LazyReader:
         except KeyError:
             raise CheckpointError(f"tensor {key!r} not found in {self.files[0].parent}") from None
 
-    def _handle(self, path: Path):
-        # One shard open at a time: enough for sequential streaming, bounded file handles for any model size.
-        if path not in self._fh:
-            for f in self._fh.values():
-                f.close()
-            self._fh.clear()
-            self._fh[path] = open(path, "rb")
-            self._read.add(path)
-            if self._hashing is not None:
-                self._start_hash(path)
-        return self._fh[path]
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+                if self._hashing is not None:
+                    self._start_hash(path)
+            return self._fds[path]
+
+    def _read_into(self, loc: TensorLocation, view: memoryview, offset: int, key: str) -> None:
+        """Fill `view` with the bytes of `loc`'s file from `offset` on."""
+        fd, done = self._fd(loc.path), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
+            done += n
 
     def read_bytes(self, key: str) -> bytes:
         loc = self._location(key)
-        f = self._handle(loc.path)
-        f.seek(loc.offset)
-        data = f.read(loc.spec.nbytes)
-        if len(data) != loc.spec.nbytes:
-            raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
-        return data
+        buf = bytearray(loc.spec.nbytes)
+        self._read_into(loc, memoryview(buf), loc.offset, key)
+        return bytes(buf)
 
     def read_chunks(self, key: str, chunk_bytes: int = 64 * 2**20) -> Iterator[bytes]:
         """The raw bytes of `key` in pieces of at most `chunk_bytes`, so hashing a large tensor stays bounded."""
         loc = self._location(key)
-        remaining, offset = loc.spec.nbytes, loc.offset
-        while remaining:
-            f = self._handle(loc.path)
-            f.seek(offset)
-            data = f.read(min(remaining, chunk_bytes))
-            if not data:
-                raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
-            remaining -= len(data)
-            offset += len(data)
-            yield data
+        for start in range(0, loc.spec.nbytes, chunk_bytes):
+            buf = bytearray(min(chunk_bytes, loc.spec.nbytes - start))
+            self._read_into(loc, memoryview(buf), loc.offset + start, key)
+            yield bytes(buf)
 
     def get(self, key: str) -> torch.Tensor:
         """A fresh CPU tensor (owns its memory; safe to modify)."""
         loc = self._location(key)
         flat = torch.empty(loc.spec.nbytes, dtype=torch.uint8)
         if loc.spec.nbytes:
-            # readinto the tensor's own buffer: one copy of the data in memory, not two (bytes + bytearray).
-            f = self._handle(loc.path)
-            f.seek(loc.offset)
-            view, done = memoryview(flat.numpy()), 0
-            while done < loc.spec.nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
-                done += n
+            # read into the tensor's own buffer: one copy of the data in memory, not two (bytes + bytearray).
+            self._read_into(loc, memoryview(flat.numpy()), loc.offset, key)
         return flat.view(DTYPE_TO_TORCH[loc.spec.dtype]).reshape(loc.spec.shape)
 
     def copy_to(self, key: str, dst_fd: int) -> None:
         """Append the raw bytes of `key` to the file `dst_fd` at its current position, in-kernel when possible."""
         loc = self._location(key)
-        src = self._handle(loc.path)
+        src = self._fd(loc.path)
         remaining, offset = loc.spec.nbytes, loc.offset
         while remaining:
             try:
-                n = os.copy_file_range(src.fileno(), dst_fd, remaining, offset)
+                n = os.copy_file_range(src, dst_fd, remaining, offset)
             except (AttributeError, OSError):
                 n = 0
             if n <= 0:  # no in-kernel copy here (or across filesystems): chunked user-space copy
-                src.seek(offset)
-                chunk = src.read(min(remaining, 64 * 2**20))
+                chunk = os.pread(src, min(remaining, 64 * 2**20), offset)
                 if not chunk:
                     raise CheckpointError(f"{loc.path}: truncated while reading {key!r}")
                 n = os.write(dst_fd, chunk)
@@ -203,9 +195,10 @@ class LazyReader:
             offset += n
 
     def close(self) -> None:
-        for f in self._fh.values():
-            f.close()
-        self._fh.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
         for hasher in (self._hashing or {}).values():
             hasher.abandon()  # a no-op once checked; else the verb failed or stopped early: stop hashing
         self._hashing = None

@@ -100,3 +100,60 @@ def test_shards_are_hashed_as_they_are_written(tmp_path):
         assert manifest._identity(tmp_path / n) in manifest._known  # hashed while written, not read back later
         plain = hashlib.sha256((tmp_path / n).read_bytes()).hexdigest()
         assert manifest.hash_file(tmp_path / n, written=True).sha256 == plain
+
+
+def _write_sequential_and_parallel(tmp_path, ts, workers):
+    src = tmp_path / "src.safetensors"
+    save_file({"copied": torch.arange(300, dtype=torch.float32)}, str(src))
+    specs = [TensorSpec.of(k, v) for k, v in ts.items()] + [TensorSpec("copied", "F32", (300,))]
+    outs = []
+    with LazyReader.from_file(src) as r:
+        for sub in ("seq", "par"):
+            (tmp_path / sub).mkdir()
+            with ShardWriter(tmp_path / sub, specs, max_shard_bytes=1000) as w:
+                if sub == "seq":
+                    for k, v in ts.items():
+                        w.write(k, v)
+                    w.copy_from("copied", r)
+                else:
+                    w.write_parallel(lambda name, sink: sink.copy_from(name, r) if name == "copied"
+                                     else sink.write(name, ts[name]), workers=workers)
+                outs.append(w.finalize())
+    return outs
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_write_parallel_gives_the_bytes_of_sequential_writes_and_their_hashes(tmp_path, workers):
+    import hashlib
+
+    from flexmoe.io import manifest
+
+    ts = {f"t{i}": torch.randn(10, 10) for i in range(7)}
+    seq, par = _write_sequential_and_parallel(tmp_path, ts, workers)
+    assert seq == par and len(par) == 5
+    for name in [*par, "model.safetensors.index.json"]:
+        data = (tmp_path / "par" / name).read_bytes()
+        assert data == (tmp_path / "seq" / name).read_bytes(), name
+        if name.endswith(".safetensors"):  # hashed while written, as the manifest will record it
+            assert manifest._identity(tmp_path / "par" / name) in manifest._known  # hashed by its TailHasher
+            entry = manifest.hash_file(tmp_path / "par" / name, written=True)
+            assert entry.sha256 == hashlib.sha256(data).hexdigest() and entry.size == len(data)
+
+
+def test_write_parallel_stops_at_the_first_error(tmp_path):
+    ts = {f"t{i}": torch.randn(10, 10) for i in range(6)}
+    specs = [TensorSpec.of(k, v) for k, v in ts.items()]
+
+    def emit(name, sink):
+        sink.write(name, torch.zeros(3) if name == "t2" else ts[name])  # t2 does not match its plan
+
+    with ShardWriter(tmp_path, specs, max_shard_bytes=1000) as w:
+        with pytest.raises(CheckpointError, match="'t2' is"):
+            w.write_parallel(emit, workers=3)
+        with pytest.raises(CheckpointError, match="only 0 of 6"):
+            w.finalize()
+    with pytest.raises(CheckpointError, match="after write"):
+        w2 = ShardWriter(tmp_path / "x", specs)
+        (tmp_path / "x").mkdir()
+        w2.write("t0", ts["t0"])
+        w2.write_parallel(emit, workers=2)

@@ -138,8 +138,9 @@ def test_other_families_fast_path_matches_stock(family, tmp_path):
     ids = torch.randint(2, 512, (2, 16), device="cuda")
     ref_model = load_model(tmp_path / "m", device="cuda")
     ref_model.set_experts_implementation("eager")
+    ref_model.generation_config.eos_token_id = None  # the fast decoder is not told an EOS either: 24 tokens each
     with torch.inference_mode():
-        ref = ref_model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, output_logits=True,
+        ref = ref_model.generate(ids, max_new_tokens=24, do_sample=False, output_logits=True,
                                  return_dict_in_generate=True, pad_token_id=0)
     out = enable_fast_path(load_model(tmp_path / "m", device="cuda")).generate(ids, max_new_tokens=24,
                                                                                 output_logits=True)

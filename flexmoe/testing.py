@@ -78,15 +78,15 @@ def save_random_llama(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype 
     return _save_stock(LlamaForCausalLM(tiny_llama_config(**config_kwargs)), Path(out_dir), dtype, None)
 
 
-def tiny_mistral_config(**kwargs):
-    """`tiny_llama_config` as a Mistral config (same tensors; Mistral adds `sliding_window`, None here)."""
+def tiny_mistral_config(*, sliding_window: int | None = None, **kwargs):
+    """`tiny_llama_config` as a Mistral config (same tensors; Mistral adds `sliding_window`, None by default)."""
     from transformers import MistralConfig
 
     cfg = tiny_llama_config(**kwargs).to_dict()
     keep = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                                 "pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings")}
-    return MistralConfig(**keep, sliding_window=None)
+    return MistralConfig(**keep, sliding_window=sliding_window)
 
 
 def save_random_mistral(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -183,9 +183,10 @@ def build_random_anchor(out_dir: str | Path, *, seed: int = 0, dtype: torch.dtyp
 
 def build_random_package(out_dir: str | Path, anchor: str | Path, name: str, seed: int, *,
                          fingerprint: str | None = None, bias: float | list[float] | None = None,
-                         ffn_std: float = 0.02, row_std: float = 1.0) -> Path:
+                         ffn_std: float = 0.02, row_std: float = 1.0, anchor_ffn: bool = False) -> Path:
     """A random expert package for `anchor`: FFN of the anchor's shapes and dtype, row in the anchor dtype,
     float32 bias per layer (uniform in [-1, 0.5] unless given, so both clamped and active signs occur).
+    `anchor_ffn`: the FFN is the anchor's own (a merge whose top-k weights sum to 1 then computes the dense FFN).
 
     `fingerprint` overrides the card's anchor fingerprint (to build packages that must be refused).
     """
@@ -203,6 +204,8 @@ def build_random_package(out_dir: str | Path, anchor: str | Path, name: str, see
             for proj in FFN_PROJS:
                 spec = reader.spec(dense_ffn_key(layer, proj))
                 w = torch.randn(spec.shape, generator=g) * ffn_std
+                if anchor_ffn:
+                    w = reader.get(dense_ffn_key(layer, proj))
                 tensors[dense_ffn_key(layer, proj)] = w.to(DTYPE_TO_TORCH[spec.dtype])
             dtype = DTYPE_TO_TORCH[reader.spec(dense_ffn_key(layer, "gate_proj")).dtype]
             tensors[package_row_key(layer)] = (torch.randn(a.meta.hidden_size, generator=g) * row_std).to(dtype)

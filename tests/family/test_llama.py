@@ -144,6 +144,21 @@ def test_mistral_merge_is_a_stock_mixtral_folder(tmp_path, capfd):
         assert torch.equal(stock(IDS).logits, load_model(tmp_path / "m")(IDS).logits)
 
 
+def test_mistral_sliding_window_carries_over_to_the_mixtral_merge(tmp_path):
+    from transformers import MistralForCausalLM
+
+    anchor = build_random_anchor(tmp_path / "anchor", family="mistral", sliding_window=4)
+    pkg = build_random_package(tmp_path / "copy", anchor, "copy", 1, bias=0.0, anchor_ffn=True)
+    surgery.merge(MergeConfig(anchor, [pkg]), tmp_path / "m", progress=False)
+    assert hf_config.read_config(tmp_path / "m")["sliding_window"] == 4
+    merged, dense = load_model(tmp_path / "m"), MistralForCausalLM.from_pretrained(anchor).eval()
+    with torch.no_grad():  # k = E = 2 and both experts the dense FFN: the merge is the dense model, window and all
+        got, want = merged(IDS).logits, dense(IDS).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        dense.config.sliding_window = None  # IDS (9 tokens) is longer than the window, so the window matters
+        assert not torch.allclose(dense(IDS).logits, want, atol=1e-3)
+
+
 def _stock_mixtral(out: Path, *, top_k: int = 3, same_row0: bool = True):
     from transformers import MixtralConfig, MixtralForCausalLM
 

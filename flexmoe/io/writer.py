@@ -52,6 +52,15 @@ def _write_all(fd: int, data) -> None:
         done += os.write(fd, view[done:])
 
 
+def _planned(specs: list[TensorSpec], i: int, name: str) -> TensorSpec:
+    """specs[i], which the caller is about to write as `name`; a `CheckpointError` if it is not that one."""
+    if i >= len(specs):
+        raise CheckpointError(f"tensor {name!r} was not declared")
+    if specs[i].name != name:
+        raise CheckpointError(f"tensors written out of order: got {name!r}, expected {specs[i].name!r}")
+    return specs[i]
+
+
 class _ShardFile:
     """One shard file being written: its header first, then its tensors in their planned order, each shard's sha256
     computed behind the writes (`manifest.TailHasher`, for the manifest)."""
@@ -69,12 +78,7 @@ class _ShardFile:
         self._hasher.advance(len(header))
 
     def _expect(self, name: str) -> TensorSpec:
-        if self._next >= len(self.specs):
-            raise CheckpointError(f"tensor {name!r} was not declared")
-        spec = self.specs[self._next]
-        if spec.name != name:
-            raise CheckpointError(f"tensors written out of order: got {name!r}, expected {spec.name!r}")
-        return spec
+        return _planned(self.specs, self._next, name)
 
     def _advance(self) -> None:
         self._next += 1
@@ -154,11 +158,7 @@ class ShardWriter:
 
     def _current(self, name: str) -> _ShardFile:
         """The open shard of the next declared tensor, which must be `name`."""
-        if self._next >= len(self._order):
-            raise CheckpointError(f"tensor {name!r} was not declared")
-        spec = self._order[self._next]
-        if spec.name != name:
-            raise CheckpointError(f"tensors written out of order: got {name!r}, expected {spec.name!r}")
+        _planned(self._order, self._next, name)
         if self._file is None or self._file.specs is not self._shards[self._shard_of[self._next]]:
             self._close_file()
             self._file = self._open(self._shard_of[self._next])

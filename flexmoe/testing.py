@@ -460,6 +460,16 @@ def stock_loads_clean(path: str | Path, capfd):
     return model
 
 
+def raw_tensors(path: str | Path, file: str | None = None) -> dict[str, tuple[str, tuple, bytes]]:
+    """Every tensor of a model folder (or of one file in it) as (dtype, shape, raw bytes), by canonical name."""
+    from flexmoe.io.reader import LazyReader
+
+    path = Path(path)
+    reader = LazyReader.from_file(path / file) if file else LazyReader.from_dir(path)
+    with reader as r:
+        return {k: (r.spec(k).dtype, r.spec(k).shape, r.read_bytes(k)) for k in r.keys()}
+
+
 def assert_same_folder(a: str | Path, b: str | Path) -> None:
     """The two folders hold the same file names with byte-identical contents (round trips of the surgery verbs)."""
     a, b = Path(a), Path(b)

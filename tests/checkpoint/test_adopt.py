@@ -4,7 +4,6 @@ that expert's router logit masked to -inf. Every input here is written by stock 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,16 +18,10 @@ from flexmoe.config import AddConfig, AdoptConfig, ExtractConfig, RemoveConfig
 from flexmoe.errors import CheckpointError, ConfigError
 from flexmoe.io.fingerprint import merged_anchor_fingerprint
 from flexmoe.io.merged import read_merged
-from flexmoe.io.reader import LazyReader
-from flexmoe.testing import save_random_flex_olmo, save_random_olmo2, stock_loads_clean
+from flexmoe.testing import raw_tensors, save_random_flex_olmo, save_random_olmo2, stock_loads_clean
 
 NAMES = ["public", "math", "code"]
 IDS = torch.randint(2, 512, (2, 11), generator=torch.Generator().manual_seed(0))
-
-
-def tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
-    with LazyReader.from_dir(path) as r:
-        return {k: (r.spec(k).dtype, r.spec(k).shape, r.read_bytes(k)) for k in r.keys()}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +65,7 @@ def test_adopt_keeps_every_tensor_byte_for_byte(stock, tmp_path, dtype, sharded)
     out = tmp_path / "adopted"
     res = adopt_mod.adopt(AdoptConfig(src, NAMES, shard_size="40KB" if sharded else "5GB"), out, progress=False)
     assert res.experts == NAMES and res.top_k == 3
-    assert tensors(out) == tensors(src)
+    assert raw_tensors(out) == raw_tensors(src)
     m = read_merged(out)
     try:
         assert m.names == NAMES and torch.equal(m.biases, torch.zeros(2, 3)) and m.meta["top_k_requested"] == 3
@@ -112,7 +105,7 @@ def test_adopted_folder_takes_extract_and_add(stock, tmp_path):
     surgery.remove(RemoveConfig(adopted, "code"), tmp_path / "less", progress=False)
     res = surgery.add(AddConfig(tmp_path / "less", tmp_path / "code"), tmp_path / "again", progress=False)
     assert res.top_k == 3  # the source's k, remembered as requested
-    assert tensors(tmp_path / "again") == tensors(adopted)
+    assert raw_tensors(tmp_path / "again") == raw_tensors(adopted)
 
 
 def test_adopted_loads_with_flexmoe_like_stock(stock, tmp_path, capfd):

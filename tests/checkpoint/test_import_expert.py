@@ -16,15 +16,8 @@ from flexmoe.cli import main
 from flexmoe.config import ExtractConfig, ImportExpertConfig, MergeConfig, RemoveConfig
 from flexmoe.errors import CheckpointError, FingerprintMismatch
 from flexmoe.io.package import read_package
-from flexmoe.io.reader import LazyReader
-from flexmoe.testing import (assert_same_folder, build_random_anchor, save_flex_olmo_on_anchor, save_random_flex_olmo,
-                             save_random_olmo2)
-
-
-def tensors(path: Path, file: str | None = None) -> dict[str, tuple[str, tuple, bytes]]:
-    reader = LazyReader.from_file(path / file) if file else LazyReader.from_dir(path)
-    with reader as r:
-        return {k: (r.spec(k).dtype, r.spec(k).shape, r.read_bytes(k)) for k in r.keys()}
+from flexmoe.testing import (assert_same_folder, build_random_anchor, raw_tensors, save_flex_olmo_on_anchor,
+                             save_random_flex_olmo, save_random_olmo2)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +52,7 @@ def test_import_merge_gives_back_the_source(world, tmp_path, d):
         pkg.close()
         merged = tmp_path / f"merged-{name}"
         surgery.merge(MergeConfig(world[d]["anchor"], [tmp_path / name], top_k=2), merged, progress=False)
-        assert tensors(merged) == tensors(world[d][name])  # every tensor of the stock model, byte for byte
+        assert raw_tensors(merged) == raw_tensors(world[d][name])  # every tensor of the stock model, byte for byte
         surgery.extract(ExtractConfig(merged, name), tmp_path / f"again-{name}", progress=False)
         assert_same_folder(tmp_path / name, tmp_path / f"again-{name}")
 
@@ -141,7 +134,7 @@ def test_init_anchor_from_moe_then_import(world, tmp_path, d, capfd):
     res = init_anchor(InitAnchorConfig(from_moe=public2x), tmp_path / "anchor", progress=False)
     original = world[d]["anchor"]
     assert res.fingerprint == read_anchor(original).meta.fingerprint
-    assert tensors(tmp_path / "anchor") == tensors(original)  # the dense model, byte for byte
+    assert raw_tensors(tmp_path / "anchor") == raw_tensors(original)  # the dense model, byte for byte
     a = read_anchor(tmp_path / "anchor")
     assert a.meta.embedder is None and a.meta.dtype == d
     assert torch.equal(a.public_row.to(getattr(torch, d)), read_anchor(original).public_row.to(getattr(torch, d)))
@@ -151,7 +144,7 @@ def test_init_anchor_from_moe_then_import(world, tmp_path, d, capfd):
     assert "missing" not in said and "unexpected" not in said and "newly initialized" not in said
     import_expert(ImportExpertConfig(world[d]["code"], tmp_path / "anchor", "code"), tmp_path / "code", progress=False)
     surgery.merge(MergeConfig(tmp_path / "anchor", [tmp_path / "code"], top_k=2), tmp_path / "m", progress=False)
-    assert tensors(tmp_path / "m") == tensors(world[d]["code"])
+    assert raw_tensors(tmp_path / "m") == raw_tensors(world[d]["code"])
 
 
 def test_init_anchor_from_moe_refusals(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from flexmoe.checkpoint import inspection, surgery
 from flexmoe.config import AddConfig, ExtractConfig, MergeConfig, RemoveConfig
 from flexmoe.errors import CheckpointError, ConfigError, FingerprintMismatch, IntegrityError, OutputExistsError
-from flexmoe.testing import drop_manifest
+from flexmoe.testing import drop_manifest, raw_tensors
 from flexmoe.io.keys import natural_order
 from flexmoe.io.anchor import read_anchor
 from flexmoe.io.fingerprint import anchor_fingerprint, merged_anchor_fingerprint
@@ -19,20 +19,13 @@ from flexmoe.io.reader import LazyReader
 from flexmoe.io.keys import (FFN_PROJS, dense_ffn_key, expert_key, package_bias_key, package_row_key,
                                 router_bias_key, router_key)
 
-def tensors(path: Path, file: str | None = None) -> dict[str, tuple[str, tuple, bytes]]:
-    """Every tensor of a model dir (or one file in it) as (dtype, shape, raw bytes)."""
-    reader = LazyReader.from_file(path / file) if file else LazyReader.from_dir(path)
-    with reader as r:
-        return {k: (r.spec(k).dtype, r.spec(k).shape, r.read_bytes(k)) for k in r.keys()}
-
-
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     """Tensor by tensor (weights and biases), then every file byte for byte."""
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = raw_tensors(a), raw_tensors(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k] == tb[k], f"tensor {k} differs"
-    assert tensors(a, surgery.BIAS_FILE) == tensors(b, surgery.BIAS_FILE)
+    assert raw_tensors(a, surgery.BIAS_FILE) == raw_tensors(b, surgery.BIAS_FILE)
     files_a = sorted(p.name for p in a.iterdir())
     assert files_a == sorted(p.name for p in b.iterdir())
     for name in files_a:
@@ -43,8 +36,8 @@ def test_merge_layout(ckpt, tmp_path):
     out = tmp_path / "m"
     res = surgery.merge(MergeConfig(ckpt.anchor, [ckpt.pkg["code"], ckpt.pkg["news"]]), out, progress=False)
     assert res.experts == ["public", "code", "news"] and res.top_k == 3
-    merged, anchor = tensors(out), tensors(ckpt.anchor)
-    pkgs = [tensors(ckpt.pkg[n], "expert.safetensors") for n in ("code", "news")]
+    merged, anchor = raw_tensors(out), raw_tensors(ckpt.anchor)
+    pkgs = [raw_tensors(ckpt.pkg[n], "expert.safetensors") for n in ("code", "news")]
     a = read_anchor(ckpt.anchor)
     for layer in range(2):
         for p in FFN_PROJS:
@@ -110,7 +103,7 @@ def test_extract_gives_back_the_package(ckpt, tmp_path):
     surgery.merge(MergeConfig(ckpt.anchor, [p["code"], p["news"], p["law"]]), tmp_path / "abc", progress=False)
     res = surgery.extract(ExtractConfig(tmp_path / "abc", "news"), tmp_path / "news", progress=False)
     assert res.name == "news" and res.num_layers == 2
-    assert tensors(tmp_path / "news", "expert.safetensors") == tensors(p["news"], "expert.safetensors")
+    assert raw_tensors(tmp_path / "news", "expert.safetensors") == raw_tensors(p["news"], "expert.safetensors")
     for f in ("expert.safetensors", "expert.json"):
         assert (tmp_path / "news" / f).read_bytes() == (p["news"] / f).read_bytes()
 
@@ -121,7 +114,7 @@ def test_bf16_round_trip(ckpt, tmp_path):
     with LazyReader.from_dir(tmp_path / "ab") as r:
         assert r.spec(router_key(0)).dtype == "BF16" and r.spec(expert_key(1, 2, "up_proj")).dtype == "BF16"
     surgery.extract(ExtractConfig(tmp_path / "ab", "code"), tmp_path / "code", progress=False)
-    assert tensors(tmp_path / "code", "expert.safetensors") == tensors(p["code"], "expert.safetensors")
+    assert raw_tensors(tmp_path / "code", "expert.safetensors") == raw_tensors(p["code"], "expert.safetensors")
     surgery.merge(MergeConfig(ckpt.anchor_bf16, [p["code"]]), tmp_path / "a", progress=False)
     surgery.remove(RemoveConfig(tmp_path / "ab", "news"), tmp_path / "ab-news", progress=False)
     assert_same_checkpoint(tmp_path / "ab-news", tmp_path / "a")

@@ -22,7 +22,9 @@ def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias
     """Greedy continuation of each --prompt by MODEL (a merged checkpoint, a 2-expert model or an anchor).
 
     The fast path swaps in flexmoe's experts kernel and decodes over a static KV cache, with each decode step
-    captured in a CUDA graph on GPU; the checkpoint on disk is untouched and still loads in stock transformers.
+    (and a small prompt's prefill) captured in a CUDA graph on GPU; a FlexOlmo model in bf16 on CUDA decodes
+    through flexmoe's fused decode layer (nine kernels a layer). The checkpoint on disk is untouched and still
+    loads in stock transformers.
 
     \b
     Example:

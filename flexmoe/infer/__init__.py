@@ -21,7 +21,8 @@ __all__ = ["FastDecoder", "GenerateOutput", "enable_fast_path", "fast_generate",
 
 
 def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
-                     experts: str = EXPERTS_IMPL, fuse_norms: bool = True) -> FastDecoder:
+                     experts: str = EXPERTS_IMPL, fuse_norms: bool = True,
+                     fused: bool | str | None = None) -> FastDecoder:
     """Switch `model` to flexmoe's experts kernel and attach a `FastDecoder` (used by `fast_generate`).
 
     Args:
@@ -31,6 +32,8 @@ def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | 
         compile: torch.compile each decoder layer for the decode step (see `FastDecoder`).
         experts: the registered experts kernel ("flexmoe", "flexmoe_grouped", "flexmoe_triton", or a stock one).
         fuse_norms: swap the RMSNorms for `flexmoe.infer.norms.FusedRMSNorm` (same weights, same math).
+        fused: decode steps through `flexmoe.infer.decode_layer.FusedDecodeLayer` (see `FastDecoder`; default:
+            where the model qualifies).
     Returns:
         The decoder; `model.generate` keeps working and also uses the new experts kernel.
     """
@@ -41,7 +44,7 @@ def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | 
         from flexmoe.infer.norms import fuse_rms_norms
 
         fuse_rms_norms(model)
-    decoder = FastDecoder(model.eval(), cuda_graphs=cuda_graphs, compile=compile)
+    decoder = FastDecoder(model.eval(), cuda_graphs=cuda_graphs, compile=compile, fused=fused)
     model._flexmoe_decoder = decoder
     return decoder
 

@@ -26,6 +26,9 @@ from flexmoe.errors import ConfigError
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CACHE_ROUND = 64  # cache lengths are rounded up to this, so nearby prompt lengths share a graph
+PREFILL_ROUND = 32  # prompts replayed from a CUDA graph are left-padded to a multiple of this
+GRAPH_PREFILL_TOKENS = 2048  # prefills of at most this many (padded) tokens replay a CUDA graph: at that size the
+# host's launches of the stock forward's ~700 kernels, not the GPU, set the pace (~25 ms at batch 1 for 16 layers)
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every row has finished"
 MAX_EOS = 8  # EOS ids per generation (a fixed-size buffer: the captured graph reads it in place)
 
@@ -67,9 +70,10 @@ def bucket_for(batch: int) -> int:
 class _Runner:
     """Static buffers, cache and (on CUDA) the captured step for one (batch bucket, cache length)."""
 
-    def __init__(self, model, batch: int, cache_len: int, cache_kwarg: str):
+    def __init__(self, model, batch: int, cache_len: int, cache_kwarg: str, advance_cache: bool = False):
         dev = model.device
         self.model, self.batch, self.cache_len, self.cache_kwarg = model, batch, cache_len, cache_kwarg
+        self.advance_cache = advance_cache  # fused layers write K/V without advancing the cache's lengths
         self.cache = FlexStaticCache(config=model.config, max_cache_len=cache_len)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # (B, 1) next input token
         self.pad = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) left padding of each row
@@ -81,19 +85,24 @@ class _Runner:
         self.logits = torch.zeros(batch, model.config.vocab_size, dtype=torch.float32, device=dev)  # (B, V)
         self.slots = torch.arange(cache_len, device=dev)  # (L,)
         self.graph = None
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # by T
+        self._pool = None  # one memory pool for the prefill graphs: they replay one at a time
         self._additive = model.config._attn_implementation == "eager"
+        self._argmax = _argmax_fn(dev)
 
-    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        """(B, 1, Q, L) bool mask -> the form the attention kernel wants (eager adds a float mask)."""
-        if not self._additive:
+    def _mask(self, allowed: torch.Tensor, additive: bool = False) -> torch.Tensor:
+        """(B, 1, Q, L) bool mask -> the form the attention kernel wants (eager adds a float mask; so do the fused
+        decode layers, whose SDPA would otherwise convert a bool mask in every layer)."""
+        if not (self._additive or additive):
             return allowed
         dtype = self.model.dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
             ~allowed, torch.finfo(dtype).min)
 
-    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor, last_only: bool):
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor, last_only: bool,
+                additive: bool = False):
         kwargs = {self.cache_kwarg: self.cache}
-        out = self.model(input_ids=ids, position_ids=position_ids, attention_mask=self._mask(allowed),
+        out = self.model(input_ids=ids, position_ids=position_ids, attention_mask=self._mask(allowed, additive),
                          use_cache=True, logits_to_keep=1 if last_only else 0, **kwargs)
         return out.logits[:, -1, :]  # (B, V)
 
@@ -117,12 +126,15 @@ class _Runner:
         length = self.cache.layers[0].cumulative_length  # () slot of this token = tokens already cached
         position_ids = (length - self.pad)[:, None]  # (B, 1)
         allowed = (self.slots[None, :] >= self.pad[:, None]) & (self.slots[None, :] <= length)  # (B, L)
-        logits = self.forward(self.tok, position_ids, allowed[:, None, None, :], last_only=False)
+        logits = self.forward(self.tok, position_ids, allowed[:, None, None, :], last_only=False,
+                              additive=self.advance_cache)
+        if self.advance_cache:
+            torch._foreach_add_([layer.cumulative_length for layer in self.cache.layers], 1)
         self._emit(logits, first=False)
 
     def _emit(self, logits: torch.Tensor, first: bool) -> None:
         self.logits.copy_(logits)
-        nxt = logits.argmax(dim=-1)  # (B,) greedy
+        nxt = self._argmax(self.logits)  # (B,) greedy
         nxt = torch.where(self.done, self.pad_id, nxt)
         self.done |= (nxt[:, None] == self.eos[None, :]).any(dim=-1)
         if first:
@@ -150,6 +162,30 @@ class _Runner:
                 self.step()
         self.graph = graph
 
+    def run_prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> None:
+        """`prefill`, from a CUDA graph captured per prompt length when graphs are on and the prompt is small."""
+        T = ids.shape[1]
+        if self.graph is None or self.batch * T > GRAPH_PREFILL_TOKENS:
+            self.prefill(ids, pad)
+            return
+        if T not in self.prefill_graphs:
+            static_ids, static_pad = ids.clone(), pad.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: autotuning of the kernels for this token count
+                self.prefill(static_ids, static_pad)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self.prefill(static_ids, static_pad)
+            self.prefill_graphs[T] = (graph, static_ids, static_pad)
+        graph, static_ids, static_pad = self.prefill_graphs[T]
+        static_ids.copy_(ids)
+        static_pad.copy_(pad)
+        graph.replay()
+
     def replay(self) -> None:
         if self.graph is not None:
             self.graph.replay()
@@ -165,9 +201,16 @@ class FastDecoder:
         cuda_graphs: capture the decode step in CUDA graphs (default: when the model is on CUDA).
         compile: also compile each decoder layer with torch.compile before capture (fuses the small element-wise
             kernels that dominate a batch-1 step); a string names the torch.compile backend (tests use "eager").
+            Layers that take the fused decode step are not compiled.
+        fused: decode steps call `flexmoe.infer.decode_layer.FusedDecodeLayer` (nine kernels a layer) instead of
+            the stock layer. Default: where `why_not_fused` allows it (FlexOlmo, CUDA, bf16/fp16); True insists
+            (an error says why it cannot); "interpret" also allows CPU and fp32 (Triton's interpreter, tests).
     """
 
-    def __init__(self, model, *, cuda_graphs: bool | None = None, compile: bool | str = False):
+    def __init__(self, model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
+                 fused: bool | str | None = None):
+        from flexmoe.infer.decode_layer import fused_layers, why_not_fused
+
         attn = model.config._attn_implementation
         if attn not in ("sdpa", "eager"):
             raise ConfigError(f"fast decoding needs attn_implementation 'sdpa' or 'eager', the model has {attn!r}")
@@ -175,6 +218,12 @@ class FastDecoder:
         on_cuda = model.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.compile = compile
+        self._fused = None
+        if fused is None or fused:
+            reason = why_not_fused(model, any_device=fused == "interpret")
+            if reason is not None and fused is not None:
+                raise ConfigError(f"cannot fuse the decode step: {reason}; decode with fused=False")
+            self._fused = fused_layers(model) if reason is None else None
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
         self._runners: dict[tuple[int, int], _Runner] = {}
@@ -182,8 +231,22 @@ class FastDecoder:
 
     # ---- compiled layers (decode step only; the prefill runs the stock forwards) ----
 
+    @property
+    def fused(self) -> bool:
+        return self._fused is not None
+
     @contextlib.contextmanager
     def _decode_forwards(self):
+        if self._fused is not None:
+            layers = self.model.model.layers
+            for layer, fn in zip(layers, self._fused):
+                layer._compiled_call_impl = fn
+            try:
+                yield
+            finally:
+                for layer in layers:
+                    layer._compiled_call_impl = None
+            return
         if not self.compile:
             yield
             return
@@ -215,7 +278,7 @@ class FastDecoder:
     def _runner(self, batch: int, cache_len: int) -> _Runner:
         key = (batch, cache_len)
         if key not in self._runners:
-            runner = _Runner(self.model, batch, cache_len, self.cache_kwarg)
+            runner = _Runner(self.model, batch, cache_len, self.cache_kwarg, advance_cache=self.fused)
             if self.cuda_graphs:
                 runner.capture(self._decode_forwards)
             self._runners[key] = runner
@@ -243,12 +306,16 @@ class FastDecoder:
         B, T = ids.shape
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         pad_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-        cache_len = -(-(T + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
+        # the prompt is left-padded to a multiple of PREFILL_ROUND, so a handful of prefill graphs serve every prompt
+        # length (padding changes no result: padded slots are masked and position ids start after them); eager and
+        # graph decoding pad alike, so they run the same kernels on the same shapes
+        T_run = -(-T // PREFILL_ROUND) * PREFILL_ROUND
+        cache_len = -(-(T_run + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
         outs, logits, prefill_s, decode_s = [], [], 0.0, 0.0
         for start in range(0, B, BUCKETS[-1]):
             chunk = slice(start, min(B, start + BUCKETS[-1]))
-            seq, lg, p_s, d_s = self._generate_chunk(ids[chunk], pad[chunk], cache_len, max_new_tokens, eos, pad_id,
-                                                     output_logits)
+            seq, lg, p_s, d_s = self._generate_chunk(ids[chunk], pad[chunk], T_run, cache_len, max_new_tokens, eos,
+                                                     pad_id, output_logits)
             outs.append(seq)
             logits.append(lg)
             prefill_s += p_s
@@ -260,7 +327,10 @@ class FastDecoder:
             all_logits = torch.cat([torch.nn.functional.pad(lg, (0, 0, 0, n - lg.shape[1])) for lg in logits])
         return GenerateOutput(torch.cat([ids, new], dim=1), all_logits, prefill_s, decode_s)
 
-    def _generate_chunk(self, ids, pad, cache_len, max_new_tokens, eos, pad_id, output_logits):
+    def _generate_chunk(self, ids, pad, T_run, cache_len, max_new_tokens, eos, pad_id, output_logits):
+        if T_run > ids.shape[1]:
+            pad = pad + (T_run - ids.shape[1])
+            ids = torch.nn.functional.pad(ids, (T_run - ids.shape[1], 0), value=pad_id)
         B, T = ids.shape
         bucket = bucket_for(B)
         if bucket > B:  # dummy rows: copies of row 0, dropped at the end
@@ -273,7 +343,7 @@ class FastDecoder:
         sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        runner.prefill(ids, pad)
+        runner.run_prefill(ids, pad)
         sync()
         t1 = time.perf_counter()
         steps_logits = [runner.logits.clone()] if output_logits else None
@@ -293,6 +363,18 @@ class FastDecoder:
             new = _trim_finished(new, eos)
         lg = torch.stack(steps_logits, dim=1)[:B, : new.shape[1]] if output_logits else None
         return new, lg, t1 - t0, t2 - t1
+
+
+def _argmax_fn(device: torch.device):
+    """Row-wise argmax: flexmoe's two-pass Triton kernel on CUDA where Triton is installed, else torch's."""
+    if device.type == "cuda":
+        try:
+            from flexmoe.infer.triton_decode import argmax_rows
+
+            return argmax_rows
+        except ImportError:
+            pass
+    return lambda x: x.argmax(dim=-1)
 
 
 def _left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,8 @@ def _align_kernel(topk_ptr, row_pair_ptr, block_expert_ptr, S, P, E,
     tl.store(block_expert_ptr + offs_b, tl.sum(ends_before.to(tl.int32), axis=1), mask=offs_b * BM < P)
 
 
-@triton.autotune(configs=_configs([(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 8, 4), (128, 64, 4, 4)]),
+@triton.autotune(configs=_configs([(64, 128, 4, 4), (32, 128, 4, 4), (64, 128, 8, 4), (128, 64, 4, 4),
+                                   (32, 256, 4, 3), (64, 256, 8, 3)]),
                  key=["S", "E", "H", "I", "BM"])
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, row_pair_ptr, block_expert_ptr, S, E, TOPK,
@@ -95,7 +96,8 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, row_pair_ptr, block_expert_ptr, S, E, T
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_configs([(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6)]),
+@triton.autotune(configs=_configs([(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6),
+                                   (16, 512, 4, 3), (32, 512, 8, 3)]),
                  key=["S", "E", "H", "I", "BM"])
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, y_ptr, row_pair_ptr, block_expert_ptr, weight_ptr, S, E,
@@ -136,6 +138,10 @@ def block_rows(pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 12 else 32 if per_expert <= 24 else 64
 
 
+def _num_blocks(pairs: int, num_experts: int, BM: int) -> int:
+    return -(-(pairs + min(num_experts, pairs) * (BM - 1)) // BM)  # at most one partly filled block per expert
+
+
 def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
     """sum_j top_k_weights[t, j] * FFN_{top_k_index[t, j]}(hidden_states[t]) for every token t.
@@ -148,6 +154,16 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     Returns:
         (T, H) in the dtype of `hidden_states`.
     """
+    T, H = hidden_states.shape
+    y = fused_expert_pairs(hidden_states, w_gate_up, w_down, top_k_index, top_k_weights, activation=activation)
+    return y.view(T, top_k_index.shape[-1], H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
+
+
+def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                       top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+                       activation: str = "silu") -> torch.Tensor:
+    """As `fused_experts`, before the sum over slots: (T k, H), row t * k + j = top_k_weights[t, j] * FFN(token t)
+    (in the weights' dtype); the fused decode layer sums the slots inside its norm kernel."""
     if activation != "silu":  # FlexOlmo uses SiLU; the activation is fused in `_gate_up_kernel`
         raise NotImplementedError(f"fused_experts supports silu only, not {activation}")
     T, H = hidden_states.shape
@@ -156,7 +172,7 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     I = two_i // 2
     S = T * k
     BM = block_rows(S, E)
-    num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)  # at most one partly filled block per active expert
+    num_blocks = _num_blocks(S, E, BM)
     P = num_blocks * BM
     dev = hidden_states.device
     x = hidden_states.to(w_gate_up.dtype).contiguous()  # under autocast the residual stream may be fp32
@@ -175,7 +191,7 @@ def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     _down_kernel[lambda meta: (num_blocks, triton.cdiv(H, meta["BN"]))](
         h, w_down, y, row_pair, block_expert, top_k_weights.reshape(-1).contiguous(), S, E,
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), H=H, I=I, BM=BM)
-    return y.view(T, k, H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
+    return y
 
 
 # An opaque operator for torch.compile: dynamo sees one op with a known output shape instead of tracing into the

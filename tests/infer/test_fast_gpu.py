@@ -76,6 +76,29 @@ def test_graphs_replay_exactly_what_eager_steps_compute():
     assert torch.equal(g.logits, e.logits)
 
 
+def test_fused_decode_layer_close_to_the_stock_layers():
+    """bf16: the fused decode step (the default for FlexOlmo on CUDA) against the same decoder through the stock
+    layers; the prefill (stock layers in both) gives equal first logits, the fused steps close ones."""
+    from flexmoe.checkpoint.load import apply_expert_bias
+    from flexmoe.infer import FastDecoder, enable_fast_path
+
+    m = _model(torch.bfloat16, layers=3)
+    apply_expert_bias(m, -2 * torch.rand(3, 4))
+    ids = torch.randint(2, 512, (3, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :6] = 0
+    dec = enable_fast_path(m)
+    assert dec.fused
+    out = dec.generate(ids, mask, max_new_tokens=16, output_logits=True)
+    ref = FastDecoder(m, fused=False).generate(ids, mask, max_new_tokens=16, output_logits=True)
+    assert torch.equal(out.logits[:, 0], ref.logits[:, 0])
+    assert (out.logits[:, 1] - ref.logits[:, 1]).norm() / ref.logits[:, 1].norm() < 3e-2  # bf16, 3 layers
+    assert (out.sequences == ref.sequences).float().mean() > 0.9
+    again = torch.randint(2, 512, (3, 20), device="cuda")  # the same shapes: every graph replays with new inputs
+    eager = FastDecoder(m, cuda_graphs=False).generate(again, max_new_tokens=16, output_logits=True)
+    assert torch.equal(dec.generate(again, max_new_tokens=16, output_logits=True).logits, eager.logits)
+
+
 def test_fp32_graphs_match_stock_eager_with_bias():
     from flexmoe.infer import enable_fast_path
     from flexmoe.checkpoint.load import apply_expert_bias
@@ -97,8 +120,8 @@ def test_compiled_graphs_close_to_uncompiled():
 
     m = _model(torch.bfloat16, layers=3)
     ids = torch.randint(2, 512, (2, 16), device="cuda")
-    ref = enable_fast_path(m).generate(ids, max_new_tokens=8, output_logits=True)
-    out = FastDecoder(m, compile=True).generate(ids, max_new_tokens=8, output_logits=True)
+    ref = enable_fast_path(m, fused=False).generate(ids, max_new_tokens=8, output_logits=True)
+    out = FastDecoder(m, compile=True, fused=False).generate(ids, max_new_tokens=8, output_logits=True)
     first = (out.logits[:, 0] - ref.logits[:, 0]).norm() / ref.logits[:, 0].norm()
     assert first < 2e-2
 

@@ -1,0 +1,113 @@
+"""The fused decode layer (flexmoe.infer.decode_layer) against the stock layers, in fp32 on CPU.
+
+The Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set before Triton is imported, hence a
+subprocess); the GPU file (test_fast_gpu.py) runs them compiled, in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+from flexmoe.errors import ConfigError
+from flexmoe.infer import FastDecoder
+from flexmoe.infer.decode_layer import why_not_fused
+
+_CHECK = r"""
+import sys
+import torch
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+from flexmoe.infer import FastDecoder, enable_fast_path
+from flexmoe.router.biased import BiasedTopKRouter
+
+def check(kv_heads, norm_topk, biased):
+    torch.manual_seed(0)
+    cfg = FlexOlmoConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, num_experts=5, num_experts_per_tok=2, norm_topk_prob=norm_topk,
+                         pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    m = FlexOlmoForCausalLM(cfg).eval()
+    if biased:
+        for layer in m.model.layers:
+            layer.mlp.gate = BiasedTopKRouter.replacing(layer.mlp.gate, cfg, -2 * torch.rand(5))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = torch.randint(2, 256, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    with torch.inference_mode():
+        stock = m.generate(ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0,
+                           output_logits=True, return_dict_in_generate=True)
+    dec = enable_fast_path(m, fused="interpret")
+    assert dec.fused
+    out = dec.generate(ids, mask, max_new_tokens=7, output_logits=True)
+    assert torch.equal(out.sequences, stock.sequences), (out.sequences, stock.sequences)
+    diff = (out.logits - torch.stack(stock.logits, 1)).abs().max().item()
+    assert diff < 1e-4, diff
+    attn = m.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight[-1:].data_ptr() + attn.q_proj.weight.stride(0) * 4
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "fusing q/k/v changed a weight"
+    return diff
+
+
+def kernels():
+    import torch.nn.functional as F
+    from flexmoe.infer.triton_decode import argmax_rows
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 10000)
+    logits[1, 7] = logits[1, 9000] = 100.0  # a tie: the first index, as torch.argmax
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
+# GQA with a biased router; full heads with renormalised top-k and the stock router
+print("ok", check(2, False, True), check(4, True, False), kernels())
+"""
+
+
+def test_fused_decode_equals_stock_generate():
+    """Tokens equal to stock `generate` and logits within 1e-4 (fp32), left padding included; weights unchanged;
+    and the two-pass argmax against torch's (ties included)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _CHECK], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = FlexOlmoConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_experts=3, num_experts_per_tok=2,
+                         pad_token_id=0, eos_token_id=1, **kw)
+    return FlexOlmoForCausalLM(cfg).eval()
+
+
+def test_why_not_fused_names_the_reason():
+    pytest.importorskip("triton")
+    m = _model()
+    assert "CUDA" in why_not_fused(m)  # an fp32 CPU model decodes through the stock layers by default
+    assert why_not_fused(m, any_device=True) is None
+    assert FastDecoder(m).fused is False
+    m.model.layers[0].mlp.gate = torch.nn.Linear(32, 3)
+    assert "router" in why_not_fused(m, any_device=True)
+
+
+def test_insisting_on_fused_says_why_it_cannot():
+    pytest.importorskip("triton")
+    with pytest.raises(ConfigError, match="cannot fuse the decode step: .*CUDA.*fused=False"):
+        FastDecoder(_model(), fused=True)
+
+
+def test_other_families_are_not_fused():
+    pytest.importorskip("triton")
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=48,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                         num_experts=3, num_experts_per_tok=2)
+    assert "qwen3_moe" in why_not_fused(Qwen3MoeForCausalLM(cfg).eval(), any_device=True)

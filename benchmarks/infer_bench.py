@@ -16,8 +16,10 @@ Rows (per E, k):
 - `flexmoe+compile`: `flexmoe` with the decoder layers compiled by torch.compile before capture (E=4, k=2).
 Columns: prefill tok/s (B32 x 512, no cache, last-token logits); decode tok/s at batch 1 and 32 (prompt 128, greedy;
 `gen` = new tokens / whole generate call as the stock script times it, 64 new tokens for flexmoe and 32 for the
-much slower stock rows; `step` = tokens / decode loop only); `%bw` = step rate (stock: gen rate) over the
-memory-bandwidth bound; peak GiB allocated. The compile row is capped at 90 s of compiling.
+much slower stock rows; `step` = tokens / decode loop only); `%bw` = that rate over the memory-bandwidth bound;
+peak GiB allocated. `flexmoe` decodes through the fused decode layer (flexmoe.infer.decode_layer, nine kernels a
+layer) and replays small prefills from a CUDA graph; `flexmoe_unfused` is the same decoder through the stock layers
+(the path before the fused layer). The compile row is capped at 90 s of compiling.
 
 Bytes per decode step (the bound; each tensor read once, bf16 = 2 bytes):
   per layer: attention q,k,v,o 4*H*H + router E*H + norms 4*H + experts n_act*3*H*I, where n_act is the number of
@@ -271,12 +273,13 @@ def run_stock(m, impl, xp, x, row, budget, errors):
     row["peak_gib"] = peak_gib()
 
 
-def run_flexmoe(m, experts, compile_, xp, x, row, budget, errors, prefill=True):
+def run_flexmoe(m, experts, compile_, xp, x, row, budget, errors, prefill=True, fused=None):
     from flexmoe.infer import enable_fast_path
     from flexmoe.infer.decode import FastDecoder
 
     peak_reset()
-    dec = enable_fast_path(m, experts=experts, compile=compile_)
+    dec = enable_fast_path(m, experts=experts, compile=compile_, fused=fused)
+    row["fused"] = dec.fused
     if prefill:
         measure_prefill(m, xp, row, row["impl"], errors)
     for b in BATCHES:
@@ -475,15 +478,16 @@ class Budget:
 
 def table(rows, bw) -> str:
     head = f"{'impl':<16} {'E':>2} {'k':>2} {'prefill':>8} | " + " | ".join(
-        f"{'gen b' + str(b):>9} {'step b' + str(b):>9} {'%bw':>5}" for b in BATCHES) + f" | {'peak':>6}"
+        f"{'gen b' + str(b):>9} {'%bw':>5} {'step b' + str(b):>9} {'%bw':>5}" for b in BATCHES) + f" | {'peak':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = []
         for b in BATCHES:
             gen, step, pct = r.get(f"gen_b{b}"), r.get(f"step_b{b}"), r.get(f"pct_bw_b{b}")
+            pct_gen = r.get(f"pct_bw_gen_b{b}")
             gen_s = f"{gen:>9}" if isinstance(gen, (int, float)) else f"{str(gen)[:9]:>9}"
-            cells.append(f"{gen_s} {step if step is not None else '-':>9} "
-                         f"{pct if pct is not None else '-':>5}")
+            cells.append(f"{gen_s} {pct_gen if pct_gen is not None else '-':>5} {step if step is not None else '-':>9} "
+                         f"{pct if step is not None and pct is not None else '-':>5}")
         pre = r.get("prefill")
         pre_s = f"{pre:>8}" if isinstance(pre, (int, float)) else f"{str(pre if pre is not None else '-')[:8]:>8}"
         lines.append(f"{r['impl']:<16} {r['E']:>2} {r['k']:>2} {pre_s} | " + " | ".join(cells)
@@ -567,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors.add(f"active experts E{E}k{k} b{b}", e)
                 n_act[b] = E * (1 - (1 - k / E) ** b)
         variants = [] if args.no_stock else [("eager", "stock"), ("grouped_mm", "stock")]
-        variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_grouped", "flexmoe")]
+        variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_unfused", "flexmoe"),
+                     ("flexmoe_grouped", "flexmoe")]
         for impl, kind in variants:
             if kind == "check":  # after the stock rows: enabling the fast path swaps the model's norms
                 if (E, k) == combos[0]:
@@ -583,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "stock":
                     run_stock(m, impl, xp, x, row, budget, errors)
                 else:
-                    run_flexmoe(m, impl, False, xp, x, row, budget, errors, prefill=impl == "flexmoe")
+                    experts = "flexmoe" if impl == "flexmoe_unfused" else impl
+                    run_flexmoe(m, experts, False, xp, x, row, budget, errors, prefill=impl == "flexmoe",
+                                fused=None if impl == "flexmoe" else False)
             except Exception as e:
                 row["prefill"] = errors.add(f"{impl} E{E}k{k}", e)
             finish(row, E, k, n_act, bw)
@@ -595,8 +602,9 @@ def main(argv: list[str] | None = None) -> int:
             # The batch-1 goal's best shot, so right after the E=4 k=2 rows (and allowed a little overtime).
             # With whichever decode kernel won the batch-1 rows above (the Triton one unless it failed).
             rates = {r["impl"]: r.get("step_b1") for r in rows if r["E"] == 4 and r["k"] == 2}
-            experts = max(("flexmoe", "flexmoe_grouped"),
+            experts = max(("flexmoe_unfused", "flexmoe_grouped"),
                           key=lambda name: rates.get(name) if isinstance(rates.get(name), float) else -1.0)
+            experts = "flexmoe" if experts == "flexmoe_unfused" else experts
             row = {"impl": "flexmoe+compile", "E": 4, "k": 2, "experts": experts}
             rows.append(row)
             if budget.over(reserve=-15):
@@ -604,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 try:
                     with TimeLimit(min(90, max(45, budget.left() - 60))):
-                        run_flexmoe(m, experts, True, xp, x, row, Budget(args.budget_s + 30), errors, prefill=False)
+                        run_flexmoe(m, experts, True, xp, x, row, Budget(args.budget_s + 30), errors, prefill=False,
+                                    fused=False)
                 except Exception as e:
                     row["gen_b1"] = errors.add("flexmoe+compile", e)
                 finish(row, 4, 2, n_act, bw)
@@ -641,6 +650,9 @@ def finish(row, E, k, n_act, bw):
         rate = row.get(f"step_b{b}", row.get(f"gen_b{b}"))
         if isinstance(rate, (int, float)):
             row[f"pct_bw_b{b}"] = round(100 * rate / bound, 1)
+        gen = row.get(f"gen_b{b}")
+        if isinstance(gen, (int, float)):
+            row[f"pct_bw_gen_b{b}"] = round(100 * gen / bound, 1)  # the whole generate call, prefill included
 
 
 def _bounds(rows):

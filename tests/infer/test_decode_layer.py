@@ -111,3 +111,20 @@ def test_other_families_are_not_fused():
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                          num_experts=3, num_experts_per_tok=2)
     assert "qwen3_moe" in why_not_fused(Qwen3MoeForCausalLM(cfg).eval(), any_device=True)
+
+
+def test_fusing_qkv_keeps_the_weights_and_save_pretrained(tmp_path):
+    """q/k/v weights become row slices of one tensor: the same values, and the model still saves and reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from flexmoe.infer.decode_layer import fused_layers
+
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    layer = fused_layers(m)[0]
+    attn = m.model.layers[0].self_attn
+    assert attn.v_proj.weight.data_ptr() == layer.qkv_weight[-attn.v_proj.weight.shape[0]:].data_ptr()
+    assert fused_layers(m)[0].qkv_weight is layer.qkv_weight  # a second decoder reuses the fused tensor
+    m.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)

@@ -2,8 +2,10 @@
 
 - `flexmoe.infer.experts`: an experts kernel registered in transformers' `ALL_EXPERTS_FUNCTIONS` ("flexmoe"):
   host-sync-free sort + grouped GEMM (Triton for decode-sized batches, `torch._grouped_mm` for prefill).
-- `flexmoe.infer.decode`: greedy decoding over transformers' `StaticCache` with the decode step captured in CUDA
-  graphs per batch bucket.
+- `flexmoe.infer.decode`: greedy decoding over transformers' `StaticCache` with the decode step (and small
+  prefills) captured in CUDA graphs per batch bucket.
+- `flexmoe.infer.decode_layer`: a FlexOlmo layer's decode step in nine kernels (Triton ones in
+  `flexmoe.infer.triton_decode`), which the decoder runs in place of the stock layer where the model qualifies.
 
 The checkpoint format is untouched; the expert bias comes from the model's routers (`BiasedTopKRouter` after
 `flexmoe.checkpoint.load.load_model`), which run unchanged inside the captured step.

@@ -34,6 +34,7 @@ def why_not_fused(model, *, any_device: bool = False) -> str | None:
     from transformers.models.flex_olmo.modeling_flex_olmo import (FlexOlmoDecoderLayer, FlexOlmoRMSNorm,
                                                                    FlexOlmoTopKRouter)
 
+    from flexmoe.infer.experts import _is_silu
     from flexmoe.router.biased import BiasedTopKRouter
 
     try:
@@ -58,8 +59,6 @@ def why_not_fused(model, *, any_device: bool = False) -> str | None:
             return f"layer {i} has a norm that is not FlexOlmo's RMSNorm"
         if type(mlp.gate) not in (FlexOlmoTopKRouter, BiasedTopKRouter):
             return f"layer {i}'s router is a {type(mlp.gate).__name__}"
-        from flexmoe.infer.experts import _is_silu
-
         ex = mlp.experts
         if not _is_silu(ex) or getattr(ex, "is_transposed", False) or getattr(ex, "has_bias", False):
             return f"layer {i}'s experts are not FlexOlmo's gated SiLU layout"

@@ -138,10 +138,6 @@ def block_rows(pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 12 else 32 if per_expert <= 24 else 64
 
 
-def _num_blocks(pairs: int, num_experts: int, BM: int) -> int:
-    return -(-(pairs + min(num_experts, pairs) * (BM - 1)) // BM)  # at most one partly filled block per expert
-
-
 def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
     """sum_j top_k_weights[t, j] * FFN_{top_k_index[t, j]}(hidden_states[t]) for every token t.
@@ -172,7 +168,7 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     I = two_i // 2
     S = T * k
     BM = block_rows(S, E)
-    num_blocks = _num_blocks(S, E, BM)
+    num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)  # at most one partly filled block per active expert
     P = num_blocks * BM
     dev = hidden_states.device
     x = hidden_states.to(w_gate_up.dtype).contiguous()  # under autocast the residual stream may be fp32

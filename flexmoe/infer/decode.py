@@ -70,10 +70,11 @@ def bucket_for(batch: int) -> int:
 class _Runner:
     """Static buffers, cache and (on CUDA) the captured step for one (batch bucket, cache length)."""
 
-    def __init__(self, model, batch: int, cache_len: int, cache_kwarg: str, advance_cache: bool = False):
+    def __init__(self, model, batch: int, cache_len: int, cache_kwarg: str, fused: bool = False):
         dev = model.device
         self.model, self.batch, self.cache_len, self.cache_kwarg = model, batch, cache_len, cache_kwarg
-        self.advance_cache = advance_cache  # fused layers write K/V without advancing the cache's lengths
+        # decode steps run the fused layers: they take an additive mask and write K/V without advancing the lengths
+        self.fused = fused
         self.cache = FlexStaticCache(config=model.config, max_cache_len=cache_len)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # (B, 1) next input token
         self.pad = torch.zeros(batch, dtype=torch.long, device=dev)  # (B,) left padding of each row
@@ -127,8 +128,8 @@ class _Runner:
         position_ids = (length - self.pad)[:, None]  # (B, 1)
         allowed = (self.slots[None, :] >= self.pad[:, None]) & (self.slots[None, :] <= length)  # (B, L)
         logits = self.forward(self.tok, position_ids, allowed[:, None, None, :], last_only=False,
-                              additive=self.advance_cache)
-        if self.advance_cache:
+                              additive=self.fused)
+        if self.fused:
             torch._foreach_add_([layer.cumulative_length for layer in self.cache.layers], 1)
         self._emit(logits, first=False)
 
@@ -150,17 +151,8 @@ class _Runner:
         """
         dummy = torch.zeros(self.batch, 8, dtype=torch.long, device=self.tok.device)
         self.prefill(dummy, torch.zeros(self.batch, dtype=torch.long, device=dummy.device))
-        with step_context():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    self.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # a private memory pool per graph: buckets never share intermediates
-                self.step()
-        self.graph = graph
+        with step_context():  # a private memory pool per decode graph: buckets never share intermediates
+            self.graph = _capture_graph(self.step, warmup=3)
 
     def run_prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> None:
         """`prefill`, from a CUDA graph captured per prompt length when graphs are on and the prompt is small."""
@@ -170,16 +162,9 @@ class _Runner:
             return
         if T not in self.prefill_graphs:
             static_ids, static_pad = ids.clone(), pad.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: autotuning of the kernels for this token count
-                self.prefill(static_ids, static_pad)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self.prefill(static_ids, static_pad)
+            graph = _capture_graph(lambda: self.prefill(static_ids, static_pad), warmup=1, pool=self._pool)
             self.prefill_graphs[T] = (graph, static_ids, static_pad)
         graph, static_ids, static_pad = self.prefill_graphs[T]
         static_ids.copy_(ids)
@@ -236,16 +221,22 @@ class FastDecoder:
         return self._fused is not None
 
     @contextlib.contextmanager
+    def _layer_calls(self, calls):
+        """Each decoder layer called through `calls[i]` (the hook `nn.Module.compile` uses) inside the block."""
+        layers = self.model.model.layers
+        for layer, fn in zip(layers, calls):
+            layer._compiled_call_impl = fn
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._compiled_call_impl = None
+
+    @contextlib.contextmanager
     def _decode_forwards(self):
         if self._fused is not None:
-            layers = self.model.model.layers
-            for layer, fn in zip(layers, self._fused):
-                layer._compiled_call_impl = fn
-            try:
+            with self._layer_calls(self._fused):
                 yield
-            finally:
-                for layer in layers:
-                    layer._compiled_call_impl = None
             return
         if not self.compile:
             yield
@@ -255,8 +246,6 @@ class FastDecoder:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
             # What `nn.Module.compile` does, kept switchable: only decode steps run the compiled layers.
             self._compiled = [torch.compile(layer._call_impl, backend=backend, dynamic=None) for layer in layers]
-        for layer, fn in zip(layers, self._compiled):
-            layer._compiled_call_impl = fn
         # The attention passes its int `layer_idx` to the (uncompiled) cache write: dynamo specialises on it once,
         # then, with ints on modules allowed to be symbolic, one graph serves every layer. Likewise the first batch
         # bucket compiles static and the second makes the batch dimension dynamic, so later buckets reuse it.
@@ -268,17 +257,13 @@ class FastDecoder:
             limits["allow_unspec_int_on_nn_module"] = True
         if hasattr(cfg, "accumulated_recompile_limit"):
             limits["accumulated_recompile_limit"] = max(cfg.accumulated_recompile_limit, 1024)
-        try:
-            with cfg.patch(**limits):
-                yield
-        finally:
-            for layer in layers:
-                layer._compiled_call_impl = None
+        with self._layer_calls(self._compiled), cfg.patch(**limits):
+            yield
 
     def _runner(self, batch: int, cache_len: int) -> _Runner:
         key = (batch, cache_len)
         if key not in self._runners:
-            runner = _Runner(self.model, batch, cache_len, self.cache_kwarg, advance_cache=self.fused)
+            runner = _Runner(self.model, batch, cache_len, self.cache_kwarg, fused=self.fused)
             if self.cuda_graphs:
                 runner.capture(self._decode_forwards)
             self._runners[key] = runner
@@ -363,6 +348,20 @@ class FastDecoder:
             new = _trim_finished(new, eos)
         lg = torch.stack(steps_logits, dim=1)[:B, : new.shape[1]] if output_logits else None
         return new, lg, t1 - t0, t2 - t1
+
+
+def _capture_graph(fn, *, warmup: int, pool=None) -> torch.cuda.CUDAGraph:
+    """`fn()` captured in a CUDA graph, after `warmup` runs on a side stream (allocation, autotuning, compiling)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
 
 
 def _argmax_fn(device: torch.device):

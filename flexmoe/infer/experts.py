@@ -117,9 +117,13 @@ def _grouped(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     x = hidden_states.index_select(0, torch.div(order, k, rounding_mode="floor"))  # (S, H) sorted by expert
     # grouped_mm wants (E, K, N) weights: the transposed views of the stored (E, N, K) tensors (no copy).
     h = _grouped_mm(x, self.gate_up_proj.transpose(1, 2), ends)  # (S, 2I)
-    h = self._apply_gate(h)  # (S, I)  act(gate) * up
+    fused = _triton_available() and _is_silu(self)  # one pass each instead of two (flexmoe.infer.triton_prefill)
+    if fused:
+        from flexmoe.infer.triton_prefill import combine_pairs, silu_mul
+    h = silu_mul(h) if fused else self._apply_gate(h)  # (S, I)  act(gate) * up
     y = _grouped_mm(h, self.down_proj.transpose(1, 2), ends)  # (S, H)
-    return _combine(y, order, top_k_weights).to(hidden_states.dtype)
+    y = combine_pairs(y, order, top_k_weights) if fused else _combine(y, order, top_k_weights)
+    return y.to(hidden_states.dtype)
 
 
 def _sorted_loop(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:

@@ -1,13 +1,11 @@
 """A FlexOlmo decoder layer's decode step (one new token per row) in nine kernels instead of the stock ~43.
 
-    q, k, v      one GEMM over the three projections (their weights become row slices of one tensor); at batch 1
-                 this and o are register GEMVs (flexmoe.infer.triton_gemv)
+    q, k, v      one GEMM over the three projections (their weights become row slices of one tensor)
     q/k          q_norm, k_norm, RoPE and the K/V cache write              (flexmoe.infer.triton_decode)
     attention    SDPA over the static cache with the decoder's (additive) mask
     o            the output projection
     h            residual + post_attention_layernorm, and the router's top-k (flexmoe.infer.triton_decode)
-    experts      layout + gate/up + down of the chosen experts                (flexmoe.infer.triton_moe;
-                 at batch 1 gate/up + down as GEMVs over the k chosen experts)
+    experts      layout + gate/up + down of the chosen experts                (flexmoe.infer.triton_moe)
     out          sum over the k slots, post_feedforward_layernorm, residual add (flexmoe.infer.triton_decode)
 
 The layer module, its weights and the checkpoint are unchanged: `FastDecoder` installs a `FusedDecodeLayer` as
@@ -88,7 +86,6 @@ class FusedDecodeLayer:
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids=None, cache=None, position_embeddings=None, past_key_values=None, **kwargs):
         from flexmoe.infer.triton_decode import post_attention_router, post_feedforward, qk_norm_rope_cache
-        from flexmoe.infer.triton_gemv import gemv
         from flexmoe.infer.triton_moe import fused_expert_pairs
 
         layer = self.layer
@@ -98,16 +95,14 @@ class FusedDecodeLayer:
         x = hidden_states.view(B, H)  # one token per row
         kv = cache.layers[self.idx]
         cos, sin = position_embeddings
-        # one row: a register GEMV reads the weights faster than cuBLAS' smallest tensor-core tile
-        linear = gemv if B == 1 else F.linear
-        q = qk_norm_rope_cache(linear(x, self.qkv_weight), attn.q_norm.weight, attn.k_norm.weight,
+        q = qk_norm_rope_cache(F.linear(x, self.qkv_weight), attn.q_norm.weight, attn.k_norm.weight,
                                attn.q_norm.variance_epsilon, cos, sin, kv.keys, kv.values, kv.cumulative_length,
                                self.num_heads, self.num_kv_heads)  # (B, HQ, 1, D)
         # the decoder hands fused steps an additive mask in the model's dtype, built once a step: a bool mask would
         # be converted to one inside SDPA in every layer (three kernels)
         o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
                                            enable_gqa=self.num_heads != self.num_kv_heads)  # (B, HQ, 1, D)
-        o = linear(o.view(B, self.num_heads * self.head_dim), attn.o_proj.weight)  # (B, H)
+        o = F.linear(o.view(B, self.num_heads * self.head_dim), attn.o_proj.weight)  # (B, H)
         norm = layer.post_attention_layernorm
         h, top_k_index, top_k_weights = post_attention_router(
             o, x, norm.weight, norm.variance_epsilon, gate.weight, getattr(gate, "expert_bias", None), gate.top_k,

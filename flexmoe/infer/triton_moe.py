@@ -132,11 +132,6 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, row_pair_ptr, block_expert_ptr, weight_ptr
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-# Tokens up to which the experts run as matrix-vector products (`triton_gemv`): one row per (token, slot) pair read
-# straight into registers beats a 16-row tensor-core block that holds one valid row.
-GEMV_MAX_TOKENS = 1
-
-
 def block_rows(pairs: int, num_experts: int) -> int:
     """Rows per block: about the expected group size, so most active experts' weights are read by one block."""
     per_expert = -(-pairs // num_experts)
@@ -168,10 +163,6 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     if activation != "silu":  # FlexOlmo uses SiLU; the activation is fused in `_gate_up_kernel`
         raise NotImplementedError(f"fused_experts supports silu only, not {activation}")
     T, H = hidden_states.shape
-    if T <= GEMV_MAX_TOKENS:
-        from flexmoe.infer.triton_gemv import expert_pairs_gemv
-
-        return expert_pairs_gemv(hidden_states, w_gate_up, w_down, top_k_index, top_k_weights)
     k = top_k_index.shape[-1]
     E, two_i, _ = w_gate_up.shape
     I = two_i // 2

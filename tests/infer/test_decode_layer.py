@@ -25,7 +25,7 @@ from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 from flexmoe.infer import FastDecoder, enable_fast_path
 from flexmoe.router.biased import BiasedTopKRouter
 
-def check(kv_heads, norm_topk, biased):
+def check(kv_heads, norm_topk, biased, rows=3):
     torch.manual_seed(0)
     cfg = FlexOlmoConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=kv_heads, num_experts=5, num_experts_per_tok=2, norm_topk_prob=norm_topk,
@@ -35,9 +35,9 @@ def check(kv_heads, norm_topk, biased):
         for layer in m.model.layers:
             layer.mlp.gate = BiasedTopKRouter.replacing(layer.mlp.gate, cfg, -2 * torch.rand(5))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    ids = torch.randint(2, 256, (3, 9))
+    ids = torch.randint(2, 256, (rows, 9))
     mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # a left-padded row
+    mask[rows // 2, :4] = 0  # a left-padded row (at batch 1 the only row)
     with torch.inference_mode():
         stock = m.generate(ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0,
                            output_logits=True, return_dict_in_generate=True)
@@ -64,8 +64,8 @@ def kernels():
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
 
-# GQA with a biased router; full heads with renormalised top-k and the stock router
-print("ok", check(2, False, True), check(4, True, False), kernels())
+# GQA with a biased router; full heads with renormalised top-k and the stock router; batch 1
+print("ok", check(2, False, True), check(4, True, False), check(2, False, True, rows=1), kernels())
 """
 
 

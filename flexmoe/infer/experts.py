@@ -8,7 +8,8 @@ transformers routes `FlexOlmoExperts.forward(hidden_states, top_k_index, top_k_w
 Registered names:
 - "flexmoe": sort the (token, slot) pairs by expert, then one grouped GEMM per projection reading only the
   experts that got tokens. On CUDA + bf16 small batches (decode) use a Triton kernel (`flexmoe.infer.triton_moe`)
-  when Triton is importable, `torch._grouped_mm` otherwise; bigger batches (prefill) always use `torch._grouped_mm`.
+  when Triton is importable, `torch._grouped_mm` otherwise; bigger batches (prefill) always use `torch._grouped_mm`,
+  with silu(gate) * up and the weighted sum over the k slots as one Triton kernel each (`triton_prefill`).
 - "flexmoe_grouped": the same but always `torch._grouped_mm` on CUDA (for A/B benchmarks).
 - "flexmoe_triton": the same but the Triton kernel on CUDA up to 4096 (token, slot) pairs (for A/B benchmarks).
 

@@ -6,10 +6,6 @@ subprocess); the GPU file (test_fast_gpu.py) runs them compiled, in bf16.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
@@ -69,14 +65,10 @@ print("ok", check(2, False, True), check(4, True, False), check(2, False, True, 
 """
 
 
-def test_fused_decode_equals_stock_generate():
+def test_fused_decode_equals_stock_generate(triton_interpreter):
     """Tokens equal to stock `generate` and logits within 1e-4 (fp32), left padding included; weights unchanged;
     and the two-pass argmax against torch's (ties included)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", _CHECK], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    triton_interpreter(_CHECK, timeout=600)
 
 
 def _model(**kw):

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flexmoe.infer.triton_decode import _round
+
 
 @triton.jit
 def _silu_mul_kernel(h_ptr, out_ptr, I, stride_h, stride_o, BLOCK: tl.constexpr):
@@ -24,7 +26,7 @@ def _silu_mul_kernel(h_ptr, out_ptr, I, stride_h, stride_o, BLOCK: tl.constexpr)
     ok = offs < I
     g = tl.load(h_ptr + row * stride_h + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + row * stride_h + I + offs, mask=ok, other=0.0).to(tl.float32)
-    act = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    act = _round(g * tl.sigmoid(g), out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, (act * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -48,7 +50,7 @@ def _combine_kernel(y_ptr, inv_ptr, w_ptr, out_ptr, H, stride_y, stride_o, TOPK:
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
         row = tl.load(inv_ptr + t * TOPK + j).to(tl.int64)  # where pair (t, j) sits in the sorted output
-        w = tl.load(w_ptr + t * TOPK + j).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = _round(tl.load(w_ptr + t * TOPK + j).to(tl.float32), y_ptr.dtype.element_ty)
         acc += w * tl.load(y_ptr + row * stride_y + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -10,6 +10,7 @@ import os
 
 import click
 
+from flexmoe import api
 from flexmoe.errors import FlexmoeError
 
 
@@ -18,9 +19,11 @@ class FlexmoeGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except FlexmoeError as e:
             raise click.ClickException(str(e)) from e
+        api.release_processes()  # a multi-process launch: every rank tears down its process groups, then exits
+        return result
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

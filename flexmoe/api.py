@@ -197,3 +197,19 @@ def audit_extraction(cfg: ExtractionConfig, out: str | Path | None = None, *, ov
     from flexmoe.eval.extraction import audit_extraction as run
 
     return run(cfg, None if out is None else Path(out), overwrite=overwrite, progress=progress)
+
+
+# ---- 5. the process
+
+
+def release_processes() -> None:
+    """After a command succeeded under `accelerate launch`/torchrun: tear down this process's process groups before
+    the interpreter exits, so that no rank aborts at exit (flexmoe/train/accel.py says why). A no-op otherwise."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # looked up, not imported: `flexmoe inspect` & co. stay torch-free
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return  # and no training stack imported for nothing
+    from flexmoe.train.accel import release_processes as run
+
+    run()

@@ -82,3 +82,20 @@ def finish(out: Path, work: Path, device: Device) -> None:
     if is_main(device):
         shutil.rmtree(work, ignore_errors=True)
     barrier(device)
+
+
+def release_processes() -> None:
+    """End this process's part in a multi-process launch once its command has succeeded: destroy the process groups
+    and forget accelerate's state while the interpreter is whole.
+
+    Left to interpreter exit, gloo's worker threads can be destroyed still joinable, and a rank whose work is done and
+    written aborts (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489), which fails
+    the whole launch. Only after success: a rank that raised may leave the others inside a collective, where the
+    teardown itself would hang (torchtitan#1342). A no-op in a process without a process group.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)

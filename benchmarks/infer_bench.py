@@ -337,24 +337,38 @@ def profile_decode(m, x, batch: int, out_dir: Path, errors) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
             dec.generate(x[:batch, :DS], max_new_tokens=1 + steps)
             sync()
-        kernels = [e for e in prof2.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        prefill = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        dev_us = sum(map(_device_us, kernels)) - sum(map(_device_us, prefill))
-        res = {"kernels_per_step": round((len(kernels) - len(prefill)) / steps, 1),
-               "kernel_ms_per_step": round(dev_us / steps / 1e3, 3)}
+        cuda = torch.autograd.DeviceType.CUDA
+        res = decode_kernels([(e.name, _device_us(e)) for e in prof2.events() if e.device_type == cuda],
+                             [(e.name, _device_us(e)) for e in prof.events() if e.device_type == cuda], steps)
         sort = "self_device_time_total"
         try:
             table = prof2.key_averages().table(sort_by=sort, row_limit=25)
         except Exception:
             table = prof2.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-        (out_dir / f"profile_b{batch}.txt").write_text(table)
-        top = sorted(prof2.key_averages(), key=lambda a: -getattr(a, "self_device_time_total",
-                                                                   getattr(a, "self_cuda_time_total", 0)))[:6]
-        res["top"] = [f"{a.key[:40]} {getattr(a, 'self_device_time_total', 0) / 1e3 / steps:.3f}ms x{a.count}"
-                      for a in top]
+        (out_dir / f"profile_b{batch}.txt").write_text(table)  # prompt and steps together, operators and kernels
     except Exception as e:
         res["error"] = errors.add(f"profile b{batch}", e)
     return res
+
+
+def decode_kernels(kernels: list[tuple[str, float]], prefill: list[tuple[str, float]], steps: int,
+                   top: int = 6) -> dict:
+    """Per decode step, from (kernel name, device us) of a profile of prompt + `steps` steps and of one of the prompt
+    alone: kernel count, kernel ms, and the `top` kernels by time, each as "name ms-a-step xcalls-a-step".
+
+    The prompt's kernels are taken out by name, so a kernel that prefill and steps share (the expert kernels of a
+    short prompt, the GEMMs) is counted for the steps only.
+    """
+    by_name: dict[str, list[float]] = {}
+    for sign, events in ((1, kernels), (-1, prefill)):
+        for name, us in events:
+            entry = by_name.setdefault(name, [0.0, 0.0])
+            entry[0] += sign
+            entry[1] += sign * us
+    per_step = sorted(((n, c / steps, us / steps) for n, (c, us) in by_name.items() if c > 0), key=lambda r: -r[2])
+    return {"kernels_per_step": round((len(kernels) - len(prefill)) / steps, 1),
+            "kernel_ms_per_step": round((sum(us for _, us in kernels) - sum(us for _, us in prefill)) / steps / 1e3, 3),
+            "top": [f"{n[:40]} {us / 1e3:.3f}ms x{c:g}" for n, c, us in per_step[:top]]}
 
 
 def _device_us(event) -> float:

@@ -54,3 +54,15 @@ def test_7b_code_path_on_cpu(monkeypatch, tmp_path, capsys):
     assert isinstance(rows["flexmoe"]["step_b2"], float) and rows["flexmoe"]["bound_tok_s_b1"] > 0
     assert result["info"]["correctness"]["graph_equals_eager_tokens"]
     assert "bytes/step" in capsys.readouterr().out
+
+
+def test_decode_profile_leaves_the_prompts_kernels_out(monkeypatch):
+    """The top kernels a step: a kernel the prompt also ran (the expert kernels of a short prompt) counts for the
+    steps only, and one only the prompt ran (its grouped GEMM) is not listed at all."""
+    bench = _load(monkeypatch, tiny=True)
+    prompt = [("grouped_gemm", 500.0), ("gate_up", 40.0), ("argmax", 3.0)]
+    steps = 4
+    run = prompt + [("gate_up", 38.0), ("down", 23.0), ("argmax", 3.0)] * steps
+    res = bench.decode_kernels(run, prompt, steps, top=3)
+    assert res["kernels_per_step"] == 3 and res["kernel_ms_per_step"] == pytest.approx(0.064)
+    assert res["top"] == ["gate_up 0.038ms x1", "down 0.023ms x1", "argmax 0.003ms x1"]

@@ -337,9 +337,11 @@ def profile_decode(m, x, batch: int, out_dir: Path, errors) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
             dec.generate(x[:batch, :DS], max_new_tokens=1 + steps)
             sync()
-        cuda = torch.autograd.DeviceType.CUDA
-        res = decode_kernels([(e.name, _device_us(e)) for e in prof2.events() if e.device_type == cuda],
-                             [(e.name, _device_us(e)) for e in prof.events() if e.device_type == cuda], steps)
+        def kernels(p):  # not the GPU-side spans of record_function ranges, which would count their kernels twice
+            return [(e.name, _device_us(e)) for e in p.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+        res = decode_kernels(kernels(prof2), kernels(prof), steps)
         sort = "self_device_time_total"
         try:
             table = prof2.key_averages().table(sort_by=sort, row_limit=25)

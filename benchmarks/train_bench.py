@@ -269,7 +269,9 @@ def _profile_summary(prof, wall_s: float, steps: int) -> tuple[dict, str]:
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
-        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
+        # a record_function range (the optimizer's "Optimizer.step#AdamW.step") shows on the GPU as an annotation
+        # spanning its kernels: counted, it would count them twice
+        if t and str(getattr(e, "device_type", "")).endswith("CUDA") and not getattr(e, "is_user_annotation", False):
             kernels.append((e.key, t / 1e3, e.count))  # ms over the profiled steps
     if not kernels:  # a CPU run (the toy shape): operators' own CPU time instead
         kernels = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages() if e.self_cpu_time_total]

@@ -185,3 +185,21 @@ def test_fit_row_retries_with_fewer_layers_on_oom(bench, tmp_path, monkeypatch):
     assert calls == [2, 1] and row["row"] == "hf:full-eager@1L" and row["tok_s"] == 100
     one = bench.predict_hf_peak({**bench.TINY_SHAPE, "num_layers": 1}, "full", 128, grad_accum=2)["total"]
     assert row["predicted_gib"] == bench._sig(one / 2**30) and 0 < row["tok_s_scaled_32l"] < 100
+
+
+def test_profile_counts_each_kernel_once(bench):
+    """The optimizer's record_function range shows on the GPU as an annotation over its own kernels (its key
+    "Optimizer.step#AdamW.step"): it is not a kernel, and counting it doubled the optimizer's time."""
+    from types import SimpleNamespace
+
+    def avg(key, us, count=1, annotation=False):
+        return SimpleNamespace(key=key, self_device_time_total=us, count=count, device_type="DeviceType.CUDA",
+                               is_user_annotation=annotation)
+
+    events = [avg("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 110_000.0, 40),
+              avg("Optimizer.step#AdamW.step", 6_500.0, annotation=True),
+              avg("multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor>", 6_500.0, 20)]
+    summary, table = bench._profile_summary(SimpleNamespace(key_averages=lambda: events), wall_s=0.125, steps=1)
+    assert summary["ms_per_step"] == {"matmul": 110.0, "optimizer": 6.5}
+    assert summary["gpu_ms_per_step"] == 116.5 and summary["gpu_busy"] == 0.932
+    assert "Optimizer.step#AdamW.step" not in table

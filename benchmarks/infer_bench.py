@@ -13,8 +13,6 @@ Rows (per E, k):
 - `flexmoe`: flexmoe's registered experts kernel (Triton for decode batches, grouped GEMM for prefill) and
   `FastDecoder` (static cache, decode step captured in a CUDA graph per batch bucket).
 - `flexmoe_grouped`: the same decoder with the CUTLASS grouped GEMM for decode too (kernel A/B).
-- `flexmoe_nopdl` (first combination only): `flexmoe` with the decode kernels launched plainly, not as programmatic
-  dependents (flexmoe.infer.pdl; the A/B of that change).
 - `flexmoe+compile`: `flexmoe` with the decoder layers compiled by torch.compile before capture (E=4, k=2).
 Columns: prefill tok/s (B32 x 512, no cache, last-token logits); decode tok/s at batch 1 and 32 (prompt 128, greedy;
 `gen` = new tokens / whole generate call as the stock script times it, 64 new tokens for flexmoe and 32 for the
@@ -589,10 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors.add(f"active experts E{E}k{k} b{b}", e)
                 n_act[b] = E * (1 - (1 - k / E) ** b)
         variants = [] if args.no_stock else [("eager", "stock"), ("grouped_mm", "stock")]
-        variants += [("check", "check"), ("flexmoe", "flexmoe")]
-        if (E, k) == combos[0]:  # the fused step with plain launches, beside it (flexmoe.infer.pdl)
-            variants += [("flexmoe_nopdl", "flexmoe")]
-        variants += [("flexmoe_unfused", "flexmoe"), ("flexmoe_grouped", "flexmoe")]
+        variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_unfused", "flexmoe"),
+                     ("flexmoe_grouped", "flexmoe")]
         for impl, kind in variants:
             if kind == "check":  # after the stock rows: enabling the fast path swaps the model's norms
                 if (E, k) == combos[0]:
@@ -607,14 +603,6 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if kind == "stock":
                     run_stock(m, impl, xp, x, row, budget, errors)
-                elif impl == "flexmoe_nopdl":
-                    from flexmoe.infer import pdl
-
-                    pdl.ENABLED, was = False, pdl.ENABLED
-                    try:
-                        run_flexmoe(m, "flexmoe", False, xp, x, row, budget, errors, prefill=False)
-                    finally:
-                        pdl.ENABLED = was
                 else:
                     experts = "flexmoe" if impl == "flexmoe_unfused" else impl
                     run_flexmoe(m, experts, False, xp, x, row, budget, errors, prefill=impl == "flexmoe",

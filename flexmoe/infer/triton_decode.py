@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flexmoe.infer.pdl import use_pdl, wait_for_inputs
-
 
 @triton.jit
 def _round(x, dtype: tl.constexpr):
@@ -56,8 +54,7 @@ def _qk_norm_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr,
                                stride_qkv, stride_cos, stride_q, stride_kcb, stride_kch, stride_kcl,
                                stride_vcb, stride_vch, stride_vcl, eps,
                                HQ: tl.constexpr, HKV: tl.constexpr, BHQ: tl.constexpr, BHKV: tl.constexpr,
-                               D: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                               D: tl.constexpr, HALF: tl.constexpr):
     b = tl.program_id(0)
     dtype = q_ptr.dtype.element_ty
     slot = tl.load(len_ptr).to(tl.int64)  # this token's cache slot: the tokens cached so far
@@ -100,7 +97,6 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
     """
     B = qkv.shape[0]
     D = keys.shape[-1]
-    pdl = use_pdl(qkv)
     q = torch.empty(B, num_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
     cos, sin = cos.reshape(B, D), sin.reshape(B, D)
     _qk_norm_rope_cache_kernel[(B,)](
@@ -108,7 +104,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
         qkv.stride(0), cos.stride(0), q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), eps,
         HQ=num_heads, HKV=num_kv_heads, BHQ=triton.next_power_of_2(num_heads),
-        BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, num_warps=4)
     return q
 
 
@@ -116,9 +112,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
 def _post_attention_router_kernel(o_ptr, x_ptr, nw_ptr, h_ptr, rw_ptr, bias_ptr, idx_ptr, wts_ptr, eps,
                                   stride_o, stride_x, stride_h, stride_rw,
                                   H: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr,
-                                  BH: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_TOPK: tl.constexpr,
-                                  PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                                  BH: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_TOPK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     dtype = h_ptr.dtype.element_ty
     offs = tl.arange(0, BH)
@@ -177,7 +171,6 @@ def post_attention_router(attn_out: torch.Tensor, residual: torch.Tensor, norm_w
     """
     B, H = residual.shape
     E = router_weight.shape[0]
-    pdl = use_pdl(residual)
     h = torch.empty_like(residual)
     idx = torch.empty(B, top_k, device=h.device, dtype=torch.int64)
     wts = torch.empty(B, top_k, device=h.device, dtype=h.dtype)
@@ -186,8 +179,7 @@ def post_attention_router(attn_out: torch.Tensor, residual: torch.Tensor, norm_w
     _post_attention_router_kernel[(B,)](
         attn_out, residual, norm_weight, h, router_weight, expert_bias if expert_bias is not None else h, idx, wts,
         eps, attn_out.stride(0), residual.stride(0), h.stride(0), router_weight.stride(0),
-        H=H, E=E, BE=BE, K=top_k, BH=BH, HAS_BIAS=expert_bias is not None, NORM_TOPK=norm_topk_prob, PDL=pdl,
-        num_warps=4, launch_pdl=pdl)
+        H=H, E=E, BE=BE, K=top_k, BH=BH, HAS_BIAS=expert_bias is not None, NORM_TOPK=norm_topk_prob, num_warps=4)
     return h, idx, wts
 
 
@@ -202,8 +194,7 @@ def _slot_sum(y_ptr, b, h0, offs, ok, stride_y, K: tl.constexpr, dtype):
 
 @triton.jit
 def _post_feedforward_kernel(y_ptr, h_ptr, nw_ptr, out_ptr, eps, stride_y, stride_h, stride_out,
-                             H: tl.constexpr, K: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                             H: tl.constexpr, K: tl.constexpr, BH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     dtype = out_ptr.dtype.element_ty
     offs = tl.arange(0, BH)
@@ -232,18 +223,14 @@ def post_feedforward(pair_out: torch.Tensor, residual: torch.Tensor, norm_weight
     """
     B, H = residual.shape
     out = torch.empty_like(residual)
-    pdl = use_pdl(residual)
     _post_feedforward_kernel[(B,)](pair_out, residual, norm_weight, out, eps, pair_out.stride(0),
                                    residual.stride(0), out.stride(0), H=H, K=pair_out.shape[0] // B,
-                                   BH=min(1024, triton.next_power_of_2(H)), PDL=pdl, num_warps=4,
-                                   launch_pdl=pdl)
+                                   BH=min(1024, triton.next_power_of_2(H)), num_warps=4)
     return out
 
 
 @triton.jit
-def _argmax_part_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, CHUNK: tl.constexpr, PARTS: tl.constexpr,
-                        PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+def _argmax_part_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, CHUNK: tl.constexpr, PARTS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -254,8 +241,7 @@ def _argmax_part_kernel(x_ptr, val_ptr, idx_ptr, N, stride_x, CHUNK: tl.constexp
 
 
 @triton.jit
-def _argmax_combine_kernel(val_ptr, idx_ptr, out_ptr, PARTS: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+def _argmax_combine_kernel(val_ptr, idx_ptr, out_ptr, PARTS: tl.constexpr, BP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BP)
     v = tl.load(val_ptr + b * PARTS + p, mask=p < PARTS, other=float("-inf"))
@@ -268,14 +254,11 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     batch-1 argmax over a 100k vocabulary is one block of torch's reduction, ~23 us on an H200."""
     B, N = x.shape
     CHUNK = 4096
-    pdl = use_pdl(x)
     parts = triton.cdiv(N, CHUNK)
     vals = torch.empty(B, parts, device=x.device, dtype=torch.float32)
     idx = torch.empty(B, parts, device=x.device, dtype=torch.int64)
-    _argmax_part_kernel[(B, parts)](x, vals, idx, N, x.stride(0), CHUNK=CHUNK, PARTS=parts, PDL=pdl, num_warps=8,
-                                    launch_pdl=pdl)
+    _argmax_part_kernel[(B, parts)](x, vals, idx, N, x.stride(0), CHUNK=CHUNK, PARTS=parts, num_warps=8)
     out = torch.empty(B, device=x.device, dtype=torch.int64)
-    _argmax_combine_kernel[(B,)](vals, idx, out, PARTS=parts, BP=triton.next_power_of_2(parts), PDL=pdl,
-                                 launch_pdl=pdl)
+    _argmax_combine_kernel[(B,)](vals, idx, out, PARTS=parts, BP=triton.next_power_of_2(parts))
     return out
 

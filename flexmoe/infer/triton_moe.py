@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flexmoe.infer.pdl import use_pdl, wait_for_inputs
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -35,8 +33,7 @@ def _configs(choices):
 @triton.jit
 def _align_kernel(topk_ptr, row_pair_ptr, block_expert_ptr, S, P, E,
                   BM: tl.constexpr, BS: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr,
-                  NBP: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                  NBP: tl.constexpr):
     # One program. Pair p (= t * k + j) with expert e goes to row pstart[e] + rank of p among e's pairs, where
     # pstart pads every expert's group to a multiple of BM. Unused rows hold S (an invalid pair).
     offs_s = tl.arange(0, BS)
@@ -65,9 +62,7 @@ def _align_kernel(topk_ptr, row_pair_ptr, block_expert_ptr, S, P, E,
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, row_pair_ptr, block_expert_ptr, S, E, TOPK,
                     stride_xt, stride_we, stride_wn, stride_hs,
-                    H: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                    H: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -107,9 +102,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, row_pair_ptr, block_expert_ptr, S, E, T
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, y_ptr, row_pair_ptr, block_expert_ptr, weight_ptr, S, E,
                  stride_hs, stride_we, stride_wn, stride_ys,
-                 H: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 PDL: tl.constexpr):
-    wait_for_inputs(PDL)
+                 H: tl.constexpr, I: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -178,7 +171,6 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)  # at most one partly filled block per active expert
     P = num_blocks * BM
     dev = hidden_states.device
-    pdl = use_pdl(hidden_states)
     x = hidden_states.to(w_gate_up.dtype).contiguous()  # under autocast the residual stream may be fp32
     w_gate_up = w_gate_up.contiguous()
     w_down = w_down.contiguous()
@@ -186,16 +178,15 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     block_expert = torch.empty(num_blocks, device=dev, dtype=torch.int32)
     _align_kernel[(1,)](top_k_index.reshape(-1).contiguous(), row_pair, block_expert, S, P, E,
                         BM=BM, BS=triton.next_power_of_2(S), BE=triton.next_power_of_2(E),
-                        BP=triton.next_power_of_2(P), NBP=triton.next_power_of_2(num_blocks), PDL=pdl,
-                        launch_pdl=pdl)
+                        BP=triton.next_power_of_2(P), NBP=triton.next_power_of_2(num_blocks))
     h = torch.empty(S, I, device=dev, dtype=x.dtype)  # (S, I) per pair
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(I, meta["BN"]))](
         x, w_gate_up, h, row_pair, block_expert, S, E, k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), H=H, I=I, BM=BM, PDL=pdl, launch_pdl=pdl)
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), H=H, I=I, BM=BM)
     y = torch.empty(S, H, device=dev, dtype=x.dtype)  # (S, H) per pair, already weighted
     _down_kernel[lambda meta: (num_blocks, triton.cdiv(H, meta["BN"]))](
         h, w_down, y, row_pair, block_expert, top_k_weights.reshape(-1).contiguous(), S, E,
-        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), H=H, I=I, BM=BM, PDL=pdl, launch_pdl=pdl)
+        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), H=H, I=I, BM=BM)
     return y
 
 

@@ -111,22 +111,6 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
     assert torch.equal(dec.generate(again, max_new_tokens=16, output_logits=True).logits, eager.logits)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_programmatic_dependent_launch_computes_what_plain_launches_do(rows, monkeypatch):
-    """The fused step's kernels launched as programmatic dependents (flexmoe.infer.pdl, on by default on Hopper):
-    the same kernels in the same order, so bit-identical logits, in CUDA graphs and eagerly."""
-    from flexmoe.infer import FastDecoder, pdl
-
-    m = _model(torch.bfloat16, layers=3)
-    ids = torch.randint(2, 512, (rows, 20), device="cuda")
-    assert pdl.use_pdl(ids) == (torch.cuda.get_device_capability()[0] >= 9)
-    with_pdl = [FastDecoder(m, cuda_graphs=g).generate(ids, max_new_tokens=16, output_logits=True).logits
-                for g in (True, False)]
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    plain = FastDecoder(m).generate(ids, max_new_tokens=16, output_logits=True).logits
-    assert torch.equal(with_pdl[0], plain) and torch.equal(with_pdl[1], plain)
-
-
 def test_fp32_graphs_match_stock_eager_with_bias():
     from flexmoe.infer import enable_fast_path
     from flexmoe.checkpoint.load import apply_expert_bias

@@ -96,8 +96,12 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, row_pair_ptr, block_expert_ptr, S, E, T
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_configs([(32, 256, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6),
-                                   (16, 512, 4, 3), (32, 512, 8, 3)]),
+# No BN 16: with them the autotuner (timing each candidate on one weight tensor) chose 16/512/4/3 in an E4 k2 run,
+# which reads the weights from HBM at 2.85 TB/s at one token against 32/256/4/6's 3.55 (23.6 vs 18.9 us;
+# benchmarks/expert_kernel_bench.py, a CUDA graph over 16 weight copies, H200, 1B shape). 32/256/4/6 needs too much
+# shared memory for BM 64 (prefill-sized pair counts) and is pruned there.
+@triton.autotune(configs=_configs([(32, 256, 4, 6), (32, 256, 4, 4), (32, 512, 4, 4), (64, 128, 4, 4),
+                                   (32, 128, 4, 6), (32, 512, 8, 3)]),
                  key=["S", "E", "H", "I", "BM"])
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, y_ptr, row_pair_ptr, block_expert_ptr, weight_ptr, S, E,

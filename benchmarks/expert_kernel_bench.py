@@ -30,20 +30,6 @@ SHAPES = {"1b": (2048, 8192), "7b": (4096, 11008)}
 GRID = {"BN": (16, 32, 64), "BK": (128, 256, 512), "num_warps": (4, 8), "num_stages": (3, 4, 6)}
 
 
-def layout(top_k_index: torch.Tensor, E: int):
-    """The pair -> row layout `fused_expert_pairs` builds (its align kernel)."""
-    S = top_k_index.numel()
-    BM = tm.block_rows(S, E)
-    num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)
-    P = num_blocks * BM
-    row_pair = torch.empty(P, device="cuda", dtype=torch.int32)
-    block_expert = torch.empty(num_blocks, device="cuda", dtype=torch.int32)
-    tm._align_kernel[(1,)](top_k_index.reshape(-1).contiguous(), row_pair, block_expert, S, P, E, BM=BM,
-                           BS=triton.next_power_of_2(S), BE=triton.next_power_of_2(E), BP=triton.next_power_of_2(P),
-                           NBP=triton.next_power_of_2(num_blocks))
-    return BM, num_blocks, row_pair, block_expert
-
-
 def time_graph(launch, copies: int, reps: int = 20) -> float:
     """Microseconds a launch: a CUDA graph of `copies` launches (one per weight copy), replayed `reps` times."""
     s = torch.cuda.Stream()
@@ -86,7 +72,7 @@ def main(argv=None) -> list[dict]:
     idx = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)])
     wts = torch.rand(T, k, device="cuda", dtype=dt)
     S = T * k
-    BM, num_blocks, row_pair, block_expert = layout(idx, E)
+    BM, num_blocks, row_pair, block_expert = tm.pair_layout(idx, E)
     n_active = int(idx.unique().numel())
     h = torch.randn(S, I, device="cuda", dtype=dt)
     y = torch.empty(S, H, device="cuda", dtype=dt)
@@ -127,11 +113,9 @@ def main(argv=None) -> list[dict]:
     shortlist = tm._down_kernel.configs if args.kernel == "down" else tm._gate_up_kernel.configs
     listed = {(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in shortlist}
     for r in ok:
-        if (r["BN"], r["BK"], r["num_warps"], r["num_stages"]) in listed:
-            r["in_shortlist"] = True
-    listed_rows = [r for r in ok if r.get("in_shortlist")]
+        r["in_shortlist"] = (r["BN"], r["BK"], r["num_warps"], r["num_stages"]) in listed
     print("  the kernel's short list: " + ", ".join(
-        f"{r['BN']}/{r['BK']}/{r['num_warps']}/{r['num_stages']} {r['us']:.2f} us" for r in listed_rows))
+        f"{r['BN']}/{r['BK']}/{r['num_warps']}/{r['num_stages']} {r['us']:.2f} us" for r in ok if r["in_shortlist"]))
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}))
     return rows

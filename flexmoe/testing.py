@@ -15,6 +15,16 @@ from flexmoe.io.anchor import ANCHOR_META
 from flexmoe.io.package import PACKAGE_CARD
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's rendezvous: torchrun's and accelerate's default 29500 may be taken by
+    another distributed test or job on the machine."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def tiny_olmo2_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
                       num_layers: int = 2, num_heads: int = 4, max_position_embeddings: int = 256):
     """A 2-layer OLMo-2 config that runs in milliseconds on CPU."""

@@ -142,6 +142,22 @@ def block_rows(pairs: int, num_experts: int) -> int:
     return 16 if per_expert <= 12 else 32 if per_expert <= 24 else 64
 
 
+def pair_layout(top_k_index: torch.Tensor, num_experts: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of `top_k_index` laid out in blocks of BM rows of one expert each (`_align_kernel`):
+    (BM, number of blocks, row -> pair (S = no pair), block -> expert (>= num_experts past the last group))."""
+    S = top_k_index.numel()
+    E = num_experts
+    BM = block_rows(S, E)
+    num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)  # at most one partly filled block per active expert
+    P = num_blocks * BM
+    row_pair = torch.empty(P, device=top_k_index.device, dtype=torch.int32)
+    block_expert = torch.empty(num_blocks, device=top_k_index.device, dtype=torch.int32)
+    _align_kernel[(1,)](top_k_index.reshape(-1).contiguous(), row_pair, block_expert, S, P, E,
+                        BM=BM, BS=triton.next_power_of_2(S), BE=triton.next_power_of_2(E),
+                        BP=triton.next_power_of_2(P), NBP=triton.next_power_of_2(num_blocks))
+    return BM, num_blocks, row_pair, block_expert
+
+
 def fused_experts(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
     """sum_j top_k_weights[t, j] * FFN_{top_k_index[t, j]}(hidden_states[t]) for every token t.
@@ -171,18 +187,11 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     E, two_i, _ = w_gate_up.shape
     I = two_i // 2
     S = T * k
-    BM = block_rows(S, E)
-    num_blocks = -(-(S + min(E, S) * (BM - 1)) // BM)  # at most one partly filled block per active expert
-    P = num_blocks * BM
     dev = hidden_states.device
     x = hidden_states.to(w_gate_up.dtype).contiguous()  # under autocast the residual stream may be fp32
     w_gate_up = w_gate_up.contiguous()
     w_down = w_down.contiguous()
-    row_pair = torch.empty(P, device=dev, dtype=torch.int32)
-    block_expert = torch.empty(num_blocks, device=dev, dtype=torch.int32)
-    _align_kernel[(1,)](top_k_index.reshape(-1).contiguous(), row_pair, block_expert, S, P, E,
-                        BM=BM, BS=triton.next_power_of_2(S), BE=triton.next_power_of_2(E),
-                        BP=triton.next_power_of_2(P), NBP=triton.next_power_of_2(num_blocks))
+    BM, num_blocks, row_pair, block_expert = pair_layout(top_k_index, E)
     h = torch.empty(S, I, device=dev, dtype=x.dtype)  # (S, I) per pair
     _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(I, meta["BN"]))](
         x, w_gate_up, h, row_pair, block_expert, S, E, k,

@@ -11,15 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flexmoe.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_hsdp_mesh_and_fsdp2_keep_gathered_on_cpu(tmp_path):

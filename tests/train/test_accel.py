@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch.distributed as dist
 from accelerate import PartialState
 from click.testing import CliRunner
 
 from flexmoe.cli import main
+from flexmoe.testing import free_port
 
 
 @pytest.fixture
 def process_group():
     """A real one-process gloo group, as `accelerate launch` leaves each rank with one; torn down in any case."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     PartialState(cpu=True)
     yield
     if dist.is_initialized():

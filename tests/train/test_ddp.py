@@ -13,17 +13,9 @@ import pytest
 import torch
 
 from flexmoe.io.package import read_package
+from flexmoe.testing import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    # torchrun's default port (29500) clashes with any other distributed test running at the same time.
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(train_inputs, tmp_path):
@@ -35,7 +27,7 @@ def test_two_processes_match_one_with_the_same_global_batch(train_inputs, tmp_pa
               "--embedder", str(train_inputs.embedder), "--max-steps", "6", "--set", "train.seq_len=64", "--device", "cpu",
               "--checkpoint-every", "3", "--public-data", str(train_inputs.public), "--set", "router_training.public_ratio=0.5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), flexmoe, *common,
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), flexmoe, *common,
                     "--batch-size", "2", "--out", str(tmp_path / "ddp")], check=True, env=env, cwd=tmp_path, capture_output=True)
     subprocess.run([flexmoe, *common, "--batch-size", "4", "--out", str(tmp_path / "one")], check=True, env=env,
                    cwd=tmp_path, capture_output=True)

@@ -17,19 +17,11 @@ from flexmoe import api, presets
 from flexmoe.config import Device, ExpertSpec, TrainAnchorConfig, TrainConfig
 from flexmoe.errors import ConfigError
 from flexmoe.io.package import package_keys, read_package
+from flexmoe.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 FSDP2_YAML = ROOT / "recipes" / "accelerate" / "fsdp2.yaml"
-
-
-def free_port() -> int:
-    """A free TCP port for the launch's rendezvous: the default 29500 may be taken by another job on the machine."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(config: Path, nproc: int, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300):

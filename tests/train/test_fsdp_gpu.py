@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flexmoe.io.package import package_keys, read_package
+from flexmoe.testing import free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -28,14 +29,6 @@ def _run(cmd: list, cwd: Path, **env) -> subprocess.CompletedProcess:
                        env={**os.environ, "OMP_NUM_THREADS": "4", **env})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-5000:]
     return r
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def test_fsdp2_and_ddp_match_one_gpu(two_gpus, train_inputs, tmp_path, bf16):
     _run([sys.executable, WORKER, 0, *common, "--batch-size", 4, "--out", tmp_path / "one"], tmp_path,
          CUDA_VISIBLE_DEVICES="0")
     r = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_YAML, "--num_processes", 2,
-              "--main_process_port", _free_port(), WORKER, 2, *common, "--batch-size", 2, "--out", tmp_path / "fsdp2"], tmp_path, TORCH_LOGS="+fsdp")
+              "--main_process_port", free_port(), WORKER, 2, *common, "--batch-size", 2, "--out", tmp_path / "fsdp2"], tmp_path, TORCH_LOGS="+fsdp")
     assert "FSDP::pre_forward" in r.stderr and "resumed from step 2" in r.stdout
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, WORKER, 0, *common,
           "--batch-size", 2, "--out", tmp_path / "ddp"], tmp_path)

@@ -190,12 +190,10 @@ class FastDecoder:
         fused: decode steps call `flexmoe.infer.decode_layer.FusedDecodeLayer` (nine kernels a layer) instead of
             the stock layer. Default: where `why_not_fused` allows it (FlexOlmo, CUDA, bf16/fp16); True insists
             (an error says why it cannot); "interpret" also allows CPU and fp32 (Triton's interpreter, tests).
-        prefetch: the fused steps start L2 prefetches of the weights each next matrix product reads (default: on
-            GPUs with bulk prefetch, sm_90+; see `flexmoe.infer.decode_layer.fused_layers`).
     """
 
     def __init__(self, model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
-                 fused: bool | str | None = None, prefetch: bool | None = None):
+                 fused: bool | str | None = None):
         from flexmoe.infer.decode_layer import fused_layers, why_not_fused
 
         attn = model.config._attn_implementation
@@ -210,7 +208,7 @@ class FastDecoder:
             reason = why_not_fused(model, any_device=fused == "interpret")
             if reason is not None and fused is not None:
                 raise ConfigError(f"cannot fuse the decode step: {reason}; decode with fused=False")
-            self._fused = fused_layers(model, prefetch=prefetch) if reason is None else None
+            self._fused = fused_layers(model) if reason is None else None
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.24
         self._runners: dict[tuple[int, int], _Runner] = {}

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 DECODE_DTYPES = (torch.bfloat16, torch.float16)
-PREFETCH_EXPERT_BYTES = 8 << 20  # of each chosen expert's gate/up, at batch 1
 
 
 def why_not_fused(model, *, any_device: bool = False) -> str | None:
@@ -76,20 +75,13 @@ class FusedDecodeLayer:
     at its row slices (the same values, no extra memory; done once per layer).
     """
 
-    def __init__(self, layer, layer_idx: int, *, prefetch: bool = False):
+    def __init__(self, layer, layer_idx: int):
         attn = layer.self_attn
         self.layer, self.idx = layer, layer_idx
         self.head_dim = attn.head_dim
         self.num_heads = attn.q_proj.out_features // attn.head_dim
         self.num_kv_heads = attn.k_proj.out_features // attn.head_dim
         self.qkv_weight = _fuse_qkv(attn)  # ((HQ + 2 HKV) D, H)
-        # L2 prefetches started by the latency-bound kernels (triton_decode.prefetch_l2): the o projection during
-        # q/k + attention, the first bytes of the chosen experts' gate/up during the router (batch 1), and the next
-        # layer's q/k/v during the post-feed-forward norm (`fused_layers` links it).
-        self.prefetch_o = attn.o_proj.weight if prefetch else None
-        self.prefetch_expert_elems = PREFETCH_EXPERT_BYTES // layer.mlp.experts.gate_up_proj.element_size() \
-            if prefetch else 0
-        self.prefetch_next: torch.Tensor | None = None
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids=None, cache=None, position_embeddings=None, past_key_values=None, **kwargs):
@@ -105,7 +97,7 @@ class FusedDecodeLayer:
         cos, sin = position_embeddings
         q = qk_norm_rope_cache(F.linear(x, self.qkv_weight), attn.q_norm.weight, attn.k_norm.weight,
                                attn.q_norm.variance_epsilon, cos, sin, kv.keys, kv.values, kv.cumulative_length,
-                               self.num_heads, self.num_kv_heads, prefetch=self.prefetch_o)  # (B, HQ, 1, D)
+                               self.num_heads, self.num_kv_heads)  # (B, HQ, 1, D)
         # the decoder hands fused steps an additive mask in the model's dtype, built once a step: a bool mask would
         # be converted to one inside SDPA in every layer (three kernels)
         o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
@@ -114,12 +106,10 @@ class FusedDecodeLayer:
         norm = layer.post_attention_layernorm
         h, top_k_index, top_k_weights = post_attention_router(
             o, x, norm.weight, norm.variance_epsilon, gate.weight, getattr(gate, "expert_bias", None), gate.top_k,
-            bool(getattr(gate, "norm_topk_prob", False)), prefetch_experts=experts.gate_up_proj,
-            prefetch_elems=self.prefetch_expert_elems)
+            bool(getattr(gate, "norm_topk_prob", False)))
         pairs = fused_expert_pairs(h, experts.gate_up_proj, experts.down_proj, top_k_index, top_k_weights)
         norm = layer.post_feedforward_layernorm
-        out = post_feedforward(pairs, h, norm.weight, norm.variance_epsilon, prefetch=self.prefetch_next)
-        return out.view(B, 1, H)
+        return post_feedforward(pairs, h, norm.weight, norm.variance_epsilon).view(B, 1, H)
 
 
 def _fuse_qkv(attn) -> torch.Tensor:
@@ -136,15 +126,5 @@ def _fuse_qkv(attn) -> torch.Tensor:
     return fused
 
 
-def fused_layers(model, *, prefetch: bool | None = None) -> list[FusedDecodeLayer]:
-    """The fused decode call of every layer; prefetch: start L2 prefetches of the weights each next matrix product
-    reads (default: where the GPU has the instruction, `triton_decode.prefetch_l2_supported`)."""
-    if prefetch is None:
-        from flexmoe.infer.triton_decode import prefetch_l2_supported
-
-        prefetch = prefetch_l2_supported(next(model.parameters()).device)
-    fused = [FusedDecodeLayer(layer, i, prefetch=prefetch) for i, layer in enumerate(model.model.layers)]
-    if prefetch:
-        for layer, nxt in zip(fused, fused[1:]):
-            layer.prefetch_next = nxt.qkv_weight
-    return fused
+def fused_layers(model) -> list[FusedDecodeLayer]:
+    return [FusedDecodeLayer(layer, i) for i, layer in enumerate(model.model.layers)]

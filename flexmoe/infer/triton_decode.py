@@ -12,44 +12,18 @@ linear and bias), so a fused step computes what the stock step computes up to fp
   expert bias min(b, 0), softmax over all experts, top-k (optionally renormalised).
 - `post_feedforward`: the sum of the k routing-weighted expert outputs, post_feedforward_layernorm, residual add.
 - `argmax_rows`: the greedy pick over the vocabulary in two passes.
-
-The first three also start L2 prefetches (`prefetch_l2`) of weights that a later kernel of the step reads: they
-and the attention between them are latency-bound (a few KB each, one program a row), so HBM is idle while they run.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ONE_PASS = True  # the router and post-feed-forward kernels in one pass where a row fits in registers (a
-# switch for benchmarks/prefetch_bench.py and the tests: the chunked two-pass kernels serve wider rows)
-
-
-def prefetch_l2_supported(device: torch.device) -> bool:
-    """`cp.async.bulk.prefetch.L2` is a Hopper (sm_90) instruction; the CPU interpreter cannot run inline PTX."""
-    return (not _INTERPRET and device.type == "cuda" and torch.version.cuda is not None
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-@triton.jit
-def _prefetch_l2(ptr, n, part, parts, NT: tl.constexpr, ESIZE: tl.constexpr):
-    """Start the copy of this program's share (`part` of `parts`) of elements [0, n) of `ptr` into the L2 and return.
-
-    A bulk prefetch has no completion to wait for: the copy goes on after the program exits. Each of the NT threads
-    issues one, of a multiple of 16 bytes (ESIZE: bytes per element).
-    """
-    ALIGN: tl.constexpr = 16 // ESIZE
-    piece = tl.cdiv(tl.cdiv(n, parts * NT), ALIGN) * ALIGN  # elements per thread
-    start = (part * NT + tl.arange(0, NT)).to(tl.int64) * piece
-    nbytes = (tl.minimum(tl.maximum(n - start, 0), piece) // ALIGN * ALIGN * ESIZE).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr + start, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+# The router and post-feed-forward kernels load a whole row at once where it fits in registers (one round trip to
+# memory; batch 1 +2.5% on an H100, see benchmarks/NOTES.md §6); False forces the chunked two-pass kernels of wider
+# rows (the tests run both).
+ONE_PASS = True
 
 
 @triton.jit
@@ -83,15 +57,10 @@ def _norm_rope_heads(src, w_ptr, cos1, cos2, sin1, sin2, eps, NH: tl.constexpr, 
 @triton.jit
 def _qk_norm_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, len_ptr,
                                stride_qkv, stride_cos, stride_q, stride_kcb, stride_kch, stride_kcl,
-                               stride_vcb, stride_vch, stride_vcl, eps, B, pf_ptr, pf_n,
+                               stride_vcb, stride_vch, stride_vcl, eps,
                                HQ: tl.constexpr, HKV: tl.constexpr, BHQ: tl.constexpr, BHKV: tl.constexpr,
-                               D: tl.constexpr, HALF: tl.constexpr, PF_PARTS: tl.constexpr, NT: tl.constexpr,
-                               PF_ESIZE: tl.constexpr):
+                               D: tl.constexpr, HALF: tl.constexpr):
     b = tl.program_id(0)
-    if PF_PARTS > 0:
-        if b >= B:  # a prefetch program
-            _prefetch_l2(pf_ptr, pf_n, b - B, PF_PARTS, NT, PF_ESIZE)
-            return
     dtype = q_ptr.dtype.element_ty
     slot = tl.load(len_ptr).to(tl.int64)  # this token's cache slot: the tokens cached so far
     d = tl.arange(0, HALF)
@@ -119,8 +88,7 @@ def _qk_norm_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr,
 
 def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
                        cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                       length: torch.Tensor, num_heads: int, num_kv_heads: int,
-                       prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                       length: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """Normalise and rotate the new query and key of every row, and store key and value in the static cache.
 
     Args:
@@ -129,8 +97,6 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
         cos, sin: (B, 1, D) RoPE tables of each row's position (the model's rotary embedding).
         keys, values: (B, HKV, L, D) the layer's static cache; written at slot `length`.
         length: () int tensor, the tokens cached so far (not advanced here).
-        prefetch: a weight to start fetching into the L2 (`prefetch_l2`), e.g. the o projection's, which the
-            attention in between leaves HBM idle to fetch.
     Returns:
         (B, HQ, 1, D) the query, ready for attention.
     """
@@ -138,41 +104,22 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
     D = keys.shape[-1]
     q = torch.empty(B, num_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
     cos, sin = cos.reshape(B, D), sin.reshape(B, D)
-    pf = _prefetch_args(prefetch, q)
-    _qk_norm_rope_cache_kernel[(B + pf[2],)](
+    _qk_norm_rope_cache_kernel[(B,)](
         qkv, q_norm_weight, k_norm_weight, cos, sin, q, keys, values, length,
         qkv.stride(0), cos.stride(0), q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), eps, B, pf[0], pf[1],
+        values.stride(0), values.stride(1), values.stride(2), eps,
         HQ=num_heads, HKV=num_kv_heads, BHQ=triton.next_power_of_2(num_heads),
-        BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, PF_PARTS=pf[2], NT=128,
-        PF_ESIZE=pf[3], num_warps=4)
+        BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, num_warps=4)
     return q
-
-
-PREFETCH_PARTS = 64  # programs that share a prefetch: one SM's bulk-copy unit alone would take too long
-
-
-def _prefetch_args(t: torch.Tensor | None, placeholder: torch.Tensor, parts: int = PREFETCH_PARTS):
-    """(pointer, elements, programs, bytes per element) of a prefetch of `t`; no programs for None."""
-    if t is None:
-        return placeholder, 0, 0, placeholder.element_size()
-    if not t.is_contiguous():
-        raise ValueError("prefetch_l2 copies a contiguous tensor")
-    return t, t.numel(), parts, t.element_size()
 
 
 @triton.jit
 def _post_attention_router_kernel(o_ptr, x_ptr, nw_ptr, h_ptr, rw_ptr, bias_ptr, idx_ptr, wts_ptr, eps,
-                                  stride_o, stride_x, stride_h, stride_rw, B, pf_ptr, stride_pf, pf_n,
+                                  stride_o, stride_x, stride_h, stride_rw,
                                   H: tl.constexpr, E: tl.constexpr, BE: tl.constexpr, K: tl.constexpr,
                                   BH: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_TOPK: tl.constexpr,
-                                  ONE_PASS: tl.constexpr, PF_PARTS: tl.constexpr, NT: tl.constexpr,
-                                  PF_ESIZE: tl.constexpr):
-    # Programs past the B rows (at batch 1 only) route row 0 again and prefetch their share of the first pf_n
-    # elements of each chosen expert's weights (pf_ptr + expert * stride_pf); they store nothing else.
-    pid = tl.program_id(0)
-    own = pid < B
-    b = tl.where(own, pid, 0).to(tl.int64)
+                                  ONE_PASS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
     dtype = h_ptr.dtype.element_ty
     offs = tl.arange(0, BH)
     experts = tl.arange(0, BE)
@@ -186,7 +133,7 @@ def _post_attention_router_kernel(o_ptr, x_ptr, nw_ptr, h_ptr, rw_ptr, bias_ptr,
                     other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(o * o, axis=0) / H + eps)
         h = _round(x + _round(o * rstd * w, dtype), dtype)  # residual + post_attention_layernorm(attn)
-        tl.store(h_ptr + b * stride_h + offs, h.to(dtype), mask=ok & own)
+        tl.store(h_ptr + b * stride_h + offs, h.to(dtype), mask=ok)
         acc = r * h[None, :]
     else:
         sq = tl.zeros((BH,), dtype=tl.float32)
@@ -201,7 +148,7 @@ def _post_attention_router_kernel(o_ptr, x_ptr, nw_ptr, h_ptr, rw_ptr, bias_ptr,
             w = tl.load(nw_ptr + h0 + offs, mask=ok, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + b * stride_x + h0 + offs, mask=ok, other=0.0).to(tl.float32)
             h = _round(x + _round(o * rstd * w, dtype), dtype)
-            tl.store(h_ptr + b * stride_h + h0 + offs, h.to(dtype), mask=ok & own)
+            tl.store(h_ptr + b * stride_h + h0 + offs, h.to(dtype), mask=ok)
             r = tl.load(rw_ptr + experts[:, None] * stride_rw + h0 + offs[None, :],
                         mask=e_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
             acc += r * h[None, :]
@@ -225,25 +172,18 @@ def _post_attention_router_kernel(o_ptr, x_ptr, nw_ptr, h_ptr, rw_ptr, bias_ptr,
     for j in tl.static_range(K):  # top-k by repeated arg-max; the lowest index wins a tie
         top = tl.max(left, axis=0)
         pick = tl.min(tl.where(left == top, experts, BE), axis=0)
-        tl.store(idx_ptr + b * K + j, pick.to(idx_ptr.dtype.element_ty), mask=own)
-        tl.store(wts_ptr + b * K + j, (top / total).to(wts_ptr.dtype.element_ty), mask=own)
-        if PF_PARTS > 0:
-            if pid >= B:
-                _prefetch_l2(pf_ptr + pick.to(tl.int64) * stride_pf, pf_n, pid - B, PF_PARTS, NT, PF_ESIZE)
+        tl.store(idx_ptr + b * K + j, pick.to(idx_ptr.dtype.element_ty))
+        tl.store(wts_ptr + b * K + j, (top / total).to(wts_ptr.dtype.element_ty))
         left = tl.where(experts == pick, -1.0, left)
 
 
 def post_attention_router(attn_out: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                           router_weight: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int,
-                          norm_topk_prob: bool, prefetch_experts: torch.Tensor | None = None,
-                          prefetch_elems: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h = residual + RMSNorm(attn_out), and the router's top-k experts of h.
 
     Args:
         attn_out, residual: (B, H); router_weight: (E, H); expert_bias: (E,) raw biases (applied as min(b, 0)).
-        prefetch_experts: (E, ...) per-expert weights (the gate/up projections) of which the first
-            `prefetch_elems` elements of each chosen expert start into the L2 (at batch 1 only: later batches
-            read most experts, and HBM is busy anyway).
     Returns:
         h (B, H) in the residual's dtype; top_k_index (B, k) int64; top_k_weights (B, k) in the residual's dtype.
     """
@@ -258,15 +198,11 @@ def post_attention_router(attn_out: torch.Tensor, residual: torch.Tensor, norm_w
     if not one_pass:
         BH = max(64, min(1024, 8192 // BE))  # (BE, BH) router tile of at most 8192 values
     warps = max(4, min(16, BE * BH // 2048)) if one_pass else 4
-    pf = (prefetch_experts, min(prefetch_elems, prefetch_experts[0].numel()), PREFETCH_PARTS,
-          prefetch_experts.element_size()) if prefetch_experts is not None and prefetch_elems and B == 1 \
-        else (h, 0, 0, h.element_size())
-    _post_attention_router_kernel[(B + pf[2],)](
+    _post_attention_router_kernel[(B,)](
         attn_out, residual, norm_weight, h, router_weight, expert_bias if expert_bias is not None else h, idx, wts,
         eps, attn_out.stride(0), residual.stride(0), h.stride(0), router_weight.stride(0),
-        B, pf[0], pf[0].stride(0), pf[1],
         H=H, E=E, BE=BE, K=top_k, BH=BH, HAS_BIAS=expert_bias is not None, NORM_TOPK=norm_topk_prob,
-        ONE_PASS=one_pass, PF_PARTS=pf[2], NT=warps * 32, PF_ESIZE=pf[3], num_warps=warps)
+        ONE_PASS=one_pass, num_warps=warps)
     return h, idx, wts
 
 
@@ -280,14 +216,9 @@ def _slot_sum(y_ptr, b, h0, offs, ok, stride_y, K: tl.constexpr, dtype):
 
 
 @triton.jit
-def _post_feedforward_kernel(y_ptr, h_ptr, nw_ptr, out_ptr, eps, stride_y, stride_h, stride_out, B, pf_ptr, pf_n,
-                             H: tl.constexpr, K: tl.constexpr, BH: tl.constexpr, ONE_PASS: tl.constexpr,
-                             PF_PARTS: tl.constexpr, NT: tl.constexpr, PF_ESIZE: tl.constexpr):
+def _post_feedforward_kernel(y_ptr, h_ptr, nw_ptr, out_ptr, eps, stride_y, stride_h, stride_out,
+                             H: tl.constexpr, K: tl.constexpr, BH: tl.constexpr, ONE_PASS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    if PF_PARTS > 0:
-        if b >= B:  # a prefetch program
-            _prefetch_l2(pf_ptr, pf_n, b - B, PF_PARTS, NT, PF_ESIZE)
-            return
     dtype = out_ptr.dtype.element_ty
     offs = tl.arange(0, BH)
     if ONE_PASS:  # BH >= H: every load issued at once
@@ -312,13 +243,12 @@ def _post_feedforward_kernel(y_ptr, h_ptr, nw_ptr, out_ptr, eps, stride_y, strid
 
 
 def post_feedforward(pair_out: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                     eps: float, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     eps: float) -> torch.Tensor:
     """residual + RMSNorm(sum over each row's k slots of `pair_out`).
 
     Args:
         pair_out: (B k, H) routing-weighted expert outputs (`fused_expert_pairs`), row t * k + j for slot j of row t.
         residual: (B, H).
-        prefetch: a weight to start fetching into the L2, e.g. the next layer's q/k/v.
     Returns:
         (B, H) in the residual's dtype.
     """
@@ -326,15 +256,13 @@ def post_feedforward(pair_out: torch.Tensor, residual: torch.Tensor, norm_weight
     out = torch.empty_like(residual)
     K = pair_out.shape[0] // B
     BH = triton.next_power_of_2(H)
-    one_pass = ONE_PASS and K * BH <= 65536  # <= 64 values a thread with 16 warps
+    one_pass = ONE_PASS and K * BH <= 32768  # <= 64 values a thread
     if not one_pass:
         BH = min(1024, BH)
     warps = max(4, min(16, triton.next_power_of_2(K * BH // 2048))) if one_pass else 4
-    pf = _prefetch_args(prefetch, out)
-    _post_feedforward_kernel[(B + pf[2],)](pair_out, residual, norm_weight, out, eps, pair_out.stride(0),
-                                           residual.stride(0), out.stride(0), B, pf[0], pf[1],
-                                           H=H, K=K, BH=BH, ONE_PASS=one_pass, PF_PARTS=pf[2], NT=warps * 32,
-                                           PF_ESIZE=pf[3], num_warps=warps)
+    _post_feedforward_kernel[(B,)](pair_out, residual, norm_weight, out, eps, pair_out.stride(0),
+                                   residual.stride(0), out.stride(0), H=H, K=K, BH=BH, ONE_PASS=one_pass,
+                                   num_warps=warps)
     return out
 
 

@@ -111,28 +111,6 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
     assert torch.equal(dec.generate(again, max_new_tokens=16, output_logits=True).logits, eager.logits)
 
 
-@pytest.mark.parametrize("rows", [1, 3])  # batch 1 also prefetches the chosen experts from the router kernel
-def test_l2_prefetch_changes_no_value(rows):
-    """The prefetch programs of the fused kernels store nothing: logits bit-identical with and without them."""
-    from flexmoe.checkpoint.load import apply_expert_bias
-    from flexmoe.infer import FastDecoder
-    from flexmoe.infer.triton_decode import prefetch_l2_supported
-
-    if not prefetch_l2_supported(torch.device("cuda")):
-        pytest.skip("bulk L2 prefetch needs sm_90")
-    m = _model(torch.bfloat16, layers=3)
-    apply_expert_bias(m, -2 * torch.rand(3, 4))
-    ids = torch.randint(2, 512, (rows, 20), device="cuda")
-    on = FastDecoder(m)
-    assert all(layer.prefetch_o is not None and layer.prefetch_expert_elems for layer in on._fused)
-    assert [layer.prefetch_next is not None for layer in on._fused] == [True, True, False]
-    off = FastDecoder(m, prefetch=False)
-    assert all(layer.prefetch_o is None and layer.prefetch_next is None for layer in off._fused)
-    a = on.generate(ids, max_new_tokens=12, output_logits=True)
-    b = off.generate(ids, max_new_tokens=12, output_logits=True)
-    assert torch.equal(a.logits, b.logits)
-
-
 def test_fp32_graphs_match_stock_eager_with_bias():
     from flexmoe.infer import enable_fast_path
     from flexmoe.checkpoint.load import apply_expert_bias

@@ -69,21 +69,25 @@ def _qk_norm_rope_cache_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr,
     sin1 = tl.load(sin_ptr + b * stride_cos + d).to(tl.float32)
     sin2 = tl.load(sin_ptr + b * stride_cos + HALF + d).to(tl.float32)
     row = qkv_ptr + b.to(tl.int64) * stride_qkv  # [q (HQ * D) | k (HKV * D) | v (HKV * D)]
-    q1, q2 = _norm_rope_heads(row, qw_ptr, cos1, cos2, sin1, sin2, eps, HQ, BHQ, D, HALF, dtype)
-    hq = tl.arange(0, BHQ)
-    q_off = q_ptr + b.to(tl.int64) * stride_q + hq[:, None] * D + d[None, :]
-    tl.store(q_off, q1.to(dtype), mask=(hq < HQ)[:, None])
-    tl.store(q_off + HALF, q2.to(dtype), mask=(hq < HQ)[:, None])
-    k1, k2 = _norm_rope_heads(row + HQ * D, kw_ptr, cos1, cos2, sin1, sin2, eps, HKV, BHKV, D, HALF, dtype)
-    hk = tl.arange(0, BHKV)
-    ok = (hk < HKV)[:, None]
-    k_off = kc_ptr + b.to(tl.int64) * stride_kcb + hk[:, None].to(tl.int64) * stride_kch + slot * stride_kcl + d[None, :]
-    tl.store(k_off, k1.to(kc_ptr.dtype.element_ty), mask=ok)
-    tl.store(k_off + HALF, k2.to(kc_ptr.dtype.element_ty), mask=ok)
-    v_src = row + (HQ + HKV) * D + hk[:, None] * D + d[None, :]
-    v_off = vc_ptr + b.to(tl.int64) * stride_vcb + hk[:, None].to(tl.int64) * stride_vch + slot * stride_vcl + d[None, :]
-    tl.store(v_off, tl.load(v_src, mask=ok, other=0.0), mask=ok)
-    tl.store(v_off + HALF, tl.load(v_src + HALF, mask=ok, other=0.0), mask=ok)
+    if tl.program_id(1) == 0:  # the query and the key/value of a row in two programs, side by side
+        q1, q2 = _norm_rope_heads(row, qw_ptr, cos1, cos2, sin1, sin2, eps, HQ, BHQ, D, HALF, dtype)
+        hq = tl.arange(0, BHQ)
+        q_off = q_ptr + b.to(tl.int64) * stride_q + hq[:, None] * D + d[None, :]
+        tl.store(q_off, q1.to(dtype), mask=(hq < HQ)[:, None])
+        tl.store(q_off + HALF, q2.to(dtype), mask=(hq < HQ)[:, None])
+    else:
+        k1, k2 = _norm_rope_heads(row + HQ * D, kw_ptr, cos1, cos2, sin1, sin2, eps, HKV, BHKV, D, HALF, dtype)
+        hk = tl.arange(0, BHKV)
+        ok = (hk < HKV)[:, None]
+        k_off = (kc_ptr + b.to(tl.int64) * stride_kcb + hk[:, None].to(tl.int64) * stride_kch + slot * stride_kcl
+                 + d[None, :])
+        tl.store(k_off, k1.to(kc_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_off + HALF, k2.to(kc_ptr.dtype.element_ty), mask=ok)
+        v_src = row + (HQ + HKV) * D + hk[:, None] * D + d[None, :]
+        v_off = (vc_ptr + b.to(tl.int64) * stride_vcb + hk[:, None].to(tl.int64) * stride_vch + slot * stride_vcl
+                 + d[None, :])
+        tl.store(v_off, tl.load(v_src, mask=ok, other=0.0), mask=ok)
+        tl.store(v_off + HALF, tl.load(v_src + HALF, mask=ok, other=0.0), mask=ok)
 
 
 def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
@@ -104,7 +108,7 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
     D = keys.shape[-1]
     q = torch.empty(B, num_heads, 1, D, device=qkv.device, dtype=qkv.dtype)
     cos, sin = cos.reshape(B, D), sin.reshape(B, D)
-    _qk_norm_rope_cache_kernel[(B,)](
+    _qk_norm_rope_cache_kernel[(B, 2)](
         qkv, q_norm_weight, k_norm_weight, cos, sin, q, keys, values, length,
         qkv.stride(0), cos.stride(0), q.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), eps,

@@ -190,6 +190,10 @@ class FastDecoder:
         fused: decode steps call `flexmoe.infer.decode_layer.FusedDecodeLayer` (nine kernels a layer) instead of
             the stock layer. Default: where `why_not_fused` allows it (FlexOlmo, CUDA, bf16/fp16); True insists
             (an error says why it cannot); "interpret" also allows CPU and fp32 (Triton's interpreter, tests).
+
+    Repeatable output: under `torch.use_deterministic_algorithms(True)` decode steps leave cuDNN attention out,
+    which torch does not; by default they take SDPA's fastest kernel, and cuDNN's can change the logits of
+    identical calls (measured at batch 32 on an H100).
     """
 
     def __init__(self, model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
@@ -234,6 +238,12 @@ class FastDecoder:
 
     @contextlib.contextmanager
     def _decode_forwards(self):
+        with _repeatable_attention() if torch.are_deterministic_algorithms_enabled() else contextlib.nullcontext():
+            with self._decode_layers():
+                yield
+
+    @contextlib.contextmanager
+    def _decode_layers(self):
         if self._fused is not None:
             with self._layer_calls(self._fused):
                 yield
@@ -261,7 +271,7 @@ class FastDecoder:
             yield
 
     def _runner(self, batch: int, cache_len: int) -> _Runner:
-        key = (batch, cache_len)
+        key = (batch, cache_len, torch.are_deterministic_algorithms_enabled())  # a graph keeps its attention kernel
         if key not in self._runners:
             runner = _Runner(self.model, batch, cache_len, self.cache_kwarg, fused=self.fused)
             if self.cuda_graphs:
@@ -348,6 +358,16 @@ class FastDecoder:
             new = _trim_finished(new, eos)
         lg = torch.stack(steps_logits, dim=1)[:B, : new.shape[1]] if output_logits else None
         return new, lg, t1 - t0, t2 - t1
+
+
+def _repeatable_attention():
+    """SDPA without its cuDNN backend, for `torch.use_deterministic_algorithms(True)`, which torch does not apply to
+    it: cuDNN's kernels gave different logits on identical batch-32 decode steps (H100, torch 2.11, the 1B shape
+    with a 128-token prompt), the memory-efficient ones (chosen instead; flash takes no additive mask) the same
+    logits every time, ~5% slower a step (benchmarks/NOTES.md §6). Prefills keep the default dispatch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _capture_graph(fn, *, warmup: int, pool=None) -> torch.cuda.CUDAGraph:

@@ -161,3 +161,22 @@ def test_load_model_fast_matches_stock_on_a_merged_checkpoint(ckpt, tmp_path):
     out = fast._flexmoe_decoder.generate(ids, mask, max_new_tokens=NEW, output_logits=True)
     assert torch.equal(out.sequences[:, ids.shape[1]:], ref_tokens)
     torch.testing.assert_close(out.logits, ref_logits, rtol=0, atol=1e-5)
+
+
+def test_deterministic_mode_decodes_through_its_own_steps():
+    """`torch.use_deterministic_algorithms` changes the attention kernels a decode step may use, so a runner (and
+    its CUDA graph) made before the switch is not reused after it; the tokens stay those of stock generate."""
+    from flexmoe.infer.decode import FastDecoder
+
+    m = _model()
+    ids, mask = _prompts()
+    dec = FastDecoder(m)
+    first = dec.generate(ids, mask, max_new_tokens=NEW)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        again = dec.generate(ids, mask, max_new_tokens=NEW)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(dec._runners) == 2
+    assert torch.equal(first.sequences, again.sequences)
+    assert torch.equal(first.sequences[:, ids.shape[1]:], _stock(m, ids, mask)[0])

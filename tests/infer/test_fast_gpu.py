@@ -111,6 +111,43 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
     assert torch.equal(dec.generate(again, max_new_tokens=16, output_logits=True).logits, eager.logits)
 
 
+def test_deterministic_mode_leaves_cudnn_attention_out():
+    """Under torch.use_deterministic_algorithms the decode steps run no cuDNN attention kernel (whose batch-32
+    steps were not repeatable on an H100) and repeat their logits exactly."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+    from flexmoe.infer import FastDecoder
+
+    torch.manual_seed(0)
+    cfg = FlexOlmoConfig(vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                         pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)  # head dim 128, as at 1B
+    m = FlexOlmoForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(2, 512, (32, 128), device="cuda")
+
+    def cudnn_step_kernels(dec):  # cuDNN attention kernels of 4 decode steps (the prompt's taken out)
+        counts = []
+        for n in (1, 5):
+            with profile(activities=[ProfilerActivity.CUDA]) as p:
+                dec.generate(ids, max_new_tokens=n)
+                torch.cuda.synchronize()
+            counts.append(sum("cudnn" in e.name and "sdpa" in e.name for e in p.events()))
+        return counts[1] - counts[0]
+
+    if cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0:
+        pytest.skip("this torch does not dispatch these decode steps to cuDNN attention")
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS would want CUBLAS_WORKSPACE_CONFIG
+    try:
+        assert cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0
+        dec = FastDecoder(m)
+        a = dec.generate(ids, max_new_tokens=16, output_logits=True)
+        b = dec.generate(ids, max_new_tokens=16, output_logits=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(a.logits, b.logits)
+
+
 def test_fp32_graphs_match_stock_eager_with_bias():
     from flexmoe.infer import enable_fast_path
     from flexmoe.checkpoint.load import apply_expert_bias

@@ -2,9 +2,10 @@
 
 At batch 1 a decode step moves ~4 GB at the 1B-class shape, yet the stock layer spends it in ~43 kernels, most of
 them element-wise passes over a few KB (norms, RoPE's slices and concatenations, casts, the router's softmax and
-top-k, the residual adds). Each kernel here does one row (one sequence) per program and rounds to the model's dtype
-exactly where the stock modules round (after each norm, each RoPE product and sum, the residual add, the router's
-linear and bias), so a fused step computes what the stock step computes up to fp32 summation order.
+top-k, the residual adds). Each kernel here does one row (one sequence) per program (the q/k kernel: two) and
+rounds to the model's dtype exactly where the stock modules round (after each norm, each RoPE product and sum, the
+residual add, the router's linear and bias), so a fused step computes what the stock step computes up to fp32
+summation order.
 
 - `qk_norm_rope_cache`: q_norm and k_norm (OLMo-2's norms over the full projection width), RoPE, and the write of
   the new key and value into the static cache at the cache's current length.

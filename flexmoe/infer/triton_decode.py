@@ -27,6 +27,14 @@ import triton.language as tl
 ONE_PASS = True
 
 
+def _one_pass_warps(values: int) -> int | None:
+    """Warps of a one-pass kernel that holds `values` fp32 values in registers, at most 64 a thread (4 to 16
+    warps); None where they do not fit (or ONE_PASS is off): then the chunked kernel runs."""
+    if not ONE_PASS or values > 16 * 32 * 64:
+        return None
+    return max(4, triton.next_power_of_2(values // 2048))
+
+
 @triton.jit
 def _round(x, dtype: tl.constexpr):
     """fp32 -> the model's dtype -> fp32: where the stock module's output is stored in that dtype."""
@@ -199,10 +207,11 @@ def post_attention_router(attn_out: torch.Tensor, residual: torch.Tensor, norm_w
     wts = torch.empty(B, top_k, device=h.device, dtype=h.dtype)
     BE = triton.next_power_of_2(E)
     BH = triton.next_power_of_2(H)
-    one_pass = ONE_PASS and BE * BH <= 32768  # the whole (E, H) router weight in registers, <= 64 a thread
+    warps = _one_pass_warps(BE * BH)  # the whole (E, H) router weight in registers
+    one_pass = warps is not None
     if not one_pass:
         BH = max(64, min(1024, 8192 // BE))  # (BE, BH) router tile of at most 8192 values
-    warps = max(4, min(16, BE * BH // 2048)) if one_pass else 4
+        warps = 4
     _post_attention_router_kernel[(B,)](
         attn_out, residual, norm_weight, h, router_weight, expert_bias if expert_bias is not None else h, idx, wts,
         eps, attn_out.stride(0), residual.stride(0), h.stride(0), router_weight.stride(0),
@@ -261,10 +270,10 @@ def post_feedforward(pair_out: torch.Tensor, residual: torch.Tensor, norm_weight
     out = torch.empty_like(residual)
     K = pair_out.shape[0] // B
     BH = triton.next_power_of_2(H)
-    one_pass = ONE_PASS and K * BH <= 32768  # <= 64 values a thread
+    warps = _one_pass_warps(K * BH)  # the k slots of a whole row in registers
+    one_pass = warps is not None
     if not one_pass:
-        BH = min(1024, BH)
-    warps = max(4, min(16, triton.next_power_of_2(K * BH // 2048))) if one_pass else 4
+        BH, warps = min(1024, BH), 4
     _post_feedforward_kernel[(B,)](pair_out, residual, norm_weight, out, eps, pair_out.stride(0),
                                    residual.stride(0), out.stride(0), H=H, K=K, BH=BH, ONE_PASS=one_pass,
                                    num_warps=warps)

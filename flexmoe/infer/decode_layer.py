@@ -1,8 +1,8 @@
 """A FlexOlmo decoder layer's decode step (one new token per row) in nine kernels instead of the stock ~43.
 
     q, k, v      one GEMM over the three projections (their weights become row slices of one tensor)
-    attention    q_norm, k_norm, RoPE, the K/V cache write and attention over the static cache with the decoder's
-                 (additive) mask                                          (flexmoe.infer.triton_decode)
+    q/k          q_norm, k_norm, RoPE and the K/V cache write              (flexmoe.infer.triton_decode)
+    attention    SDPA over the static cache with the decoder's (additive) mask
     o            the output projection
     h            residual + post_attention_layernorm, and the router's top-k (flexmoe.infer.triton_decode)
     experts      layout + gate/up + down of the chosen experts                (flexmoe.infer.triton_moe)
@@ -85,7 +85,7 @@ class FusedDecodeLayer:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids=None, cache=None, position_embeddings=None, past_key_values=None, **kwargs):
-        from flexmoe.infer import triton_decode
+        from flexmoe.infer.triton_decode import post_attention_router, post_feedforward, qk_norm_rope_cache
         from flexmoe.infer.triton_moe import fused_expert_pairs
 
         layer = self.layer
@@ -95,26 +95,21 @@ class FusedDecodeLayer:
         x = hidden_states.view(B, H)  # one token per row
         kv = cache.layers[self.idx]
         cos, sin = position_embeddings
-        qkv = F.linear(x, self.qkv_weight)
-        norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon, cos, sin, kv.keys, kv.values,
-                 kv.cumulative_length)
+        q = qk_norm_rope_cache(F.linear(x, self.qkv_weight), attn.q_norm.weight, attn.k_norm.weight,
+                               attn.q_norm.variance_epsilon, cos, sin, kv.keys, kv.values, kv.cumulative_length,
+                               self.num_heads, self.num_kv_heads)  # (B, HQ, 1, D)
         # the decoder hands fused steps an additive mask in the model's dtype, built once a step: a bool mask would
         # be converted to one inside SDPA in every layer (three kernels)
-        if triton_decode.FUSED_ATTENTION:
-            o = triton_decode.qk_norm_rope_attend(qkv, *norms, attention_mask, attn.scaling, self.num_heads,
-                                                  self.num_kv_heads)  # (B, HQ D)
-        else:
-            q = triton_decode.qk_norm_rope_cache(qkv, *norms, self.num_heads, self.num_kv_heads)  # (B, HQ, 1, D)
-            o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)  # (B, HQ, 1, D)
+        o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)  # (B, HQ, 1, D)
         o = F.linear(o.view(B, self.num_heads * self.head_dim), attn.o_proj.weight)  # (B, H)
         norm = layer.post_attention_layernorm
-        h, top_k_index, top_k_weights = triton_decode.post_attention_router(
+        h, top_k_index, top_k_weights = post_attention_router(
             o, x, norm.weight, norm.variance_epsilon, gate.weight, getattr(gate, "expert_bias", None), gate.top_k,
             bool(getattr(gate, "norm_topk_prob", False)))
         pairs = fused_expert_pairs(h, experts.gate_up_proj, experts.down_proj, top_k_index, top_k_weights)
         norm = layer.post_feedforward_layernorm
-        return triton_decode.post_feedforward(pairs, h, norm.weight, norm.variance_epsilon).view(B, 1, H)
+        return post_feedforward(pairs, h, norm.weight, norm.variance_epsilon).view(B, 1, H)
 
 
 def _fuse_qkv(attn) -> torch.Tensor:

@@ -7,11 +7,8 @@ rounds to the model's dtype exactly where the stock modules round (after each no
 residual add, the router's linear and bias), so a fused step computes what the stock step computes up to fp32
 summation order.
 
-- `qk_norm_rope_attend`: q_norm and k_norm (OLMo-2's norms over the full projection width), RoPE, the write of the
-  new key and value into the static cache at the cache's current length, and attention of the new query over the
-  cache (online softmax over the cached slots, one program per row and query head, the slots split over several
-  programs where rows x heads are too few to fill the GPU).
-- `qk_norm_rope_cache`: the same without the attention (for SDPA; `FUSED_ATTENTION = False`).
+- `qk_norm_rope_cache`: q_norm and k_norm (OLMo-2's norms over the full projection width), RoPE, and the write of
+  the new key and value into the static cache at the cache's current length.
 - `post_attention_router`: residual + post_attention_layernorm(attention output), then the router: logits, the
   expert bias min(b, 0), softmax over all experts, top-k (optionally renormalised).
 - `post_feedforward`: the sum of the k routing-weighted expert outputs, post_feedforward_layernorm, residual add.
@@ -28,15 +25,6 @@ import triton.language as tl
 # memory; batch 1 +2.5% on an H100, see benchmarks/NOTES.md §6); False forces the chunked two-pass kernels of wider
 # rows (the tests run both).
 ONE_PASS = True
-# Decode attention inside the q/k kernel (one launch instead of two; cuDNN's SDPA took ~7 us a layer at batch 1 and
-# ~25 us at batch 32 on an H100 for a 192-slot cache, see benchmarks/NOTES.md §6); False: the q/k kernel, then SDPA.
-FUSED_ATTENTION = True
-# Cache slots a program of the fused attention reads per iteration, and its warps: where programs are fewer than
-# the GPU's multiprocessors (batch 1) each one's latency sets the pace, so larger blocks over more warps (193
-# registers, no spills on sm_90); else 4 warps of 124 registers each, so that four programs share a multiprocessor.
-# None: by that rule (tests set small blocks).
-ATTEND_BLOCK: int | None = None
-SPLITS: int | None = None  # programs per (row, head) over the cache's slots; None: enough to fill the GPU (tests set it)
 
 
 def _one_pass_warps(values: int) -> int | None:
@@ -136,172 +124,6 @@ def qk_norm_rope_cache(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_we
         HQ=num_heads, HKV=num_kv_heads, BHQ=triton.next_power_of_2(num_heads),
         BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, num_warps=4)
     return q
-
-
-@triton.jit
-def _norm_rope_head(src, w_ptr, head, cos1, cos2, sin1, sin2, eps, NH: tl.constexpr, BNH: tl.constexpr,
-                    D: tl.constexpr, HALF: tl.constexpr, dtype: tl.constexpr):
-    """RMSNorm over all NH * D values of `src` (one row), then RoPE of one head; returns its two halves (HALF,)."""
-    flat = tl.arange(0, BNH * D)
-    x = tl.load(src + flat, mask=flat < NH * D, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / (NH * D) + eps)
-    off = head * D + tl.arange(0, HALF)
-    n1 = _round(tl.load(src + off).to(tl.float32) * rstd * tl.load(w_ptr + off).to(tl.float32), dtype)
-    n2 = _round(tl.load(src + off + HALF).to(tl.float32) * rstd * tl.load(w_ptr + off + HALF).to(tl.float32), dtype)
-    o1 = _round(_round(n1 * cos1, dtype) + _round(-n2 * sin1, dtype), dtype)
-    o2 = _round(_round(n2 * cos2, dtype) + _round(n1 * sin2, dtype), dtype)
-    return o1, o2
-
-
-@triton.jit
-def _qk_rope_attend_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, out_ptr,
-                           part_ptr, stride_qkv, stride_cos, stride_kcb, stride_kch, stride_kcl, stride_vcb,
-                           stride_vch, stride_vcl, stride_mask, stride_out, eps, scale,
-                           HQ: tl.constexpr, HKV: tl.constexpr, BHQ: tl.constexpr, BHKV: tl.constexpr,
-                           D: tl.constexpr, HALF: tl.constexpr, BL: tl.constexpr, NBLK: tl.constexpr,
-                           SPLITS: tl.constexpr, HAS_MASK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    g = h // (HQ // HKV)  # the query head's key/value head
-    dtype = out_ptr.dtype.element_ty
-    cdtype = kc_ptr.dtype.element_ty
-    # this token's cache slot: the tokens cached so far
-    slot = tl.load(len_ptr).to(tl.int32)
-    d = tl.arange(0, HALF)
-    cos1 = tl.load(cos_ptr + b * stride_cos + d).to(tl.float32)
-    cos2 = tl.load(cos_ptr + b * stride_cos + HALF + d).to(tl.float32)
-    sin1 = tl.load(sin_ptr + b * stride_cos + d).to(tl.float32)
-    sin2 = tl.load(sin_ptr + b * stride_cos + HALF + d).to(tl.float32)
-    row = qkv_ptr + b * stride_qkv  # [q (HQ * D) | k (HKV * D) | v (HKV * D)]
-    q1, q2 = _norm_rope_head(row, qw_ptr, h, cos1, cos2, sin1, sin2, eps, HQ, BHQ, D, HALF, dtype)
-    kc = kc_ptr + b * stride_kcb + g.to(tl.int64) * stride_kch
-    vc = vc_ptr + b * stride_vcb + g.to(tl.int64) * stride_vch
-    mrow = mask_ptr + b * stride_mask
-    # Each split reads a contiguous run of the cached slots [0, slot); the last one also takes the new token, whose
-    # key and value it holds in registers (its write to slot `slot` is not read back here).
-    per = tl.cdiv(tl.cdiv(slot, SPLITS), BL) * BL
-    start = split * per
-    stop = tl.minimum(start + per, slot)
-    m = tl.zeros((), dtype=tl.float32) - float("inf")
-    l = tl.zeros((), dtype=tl.float32)
-    acc1 = tl.zeros((HALF,), dtype=tl.float32)
-    acc2 = tl.zeros((HALF,), dtype=tl.float32)
-    if split == SPLITS - 1:
-        k1, k2 = _norm_rope_head(row + HQ * D, kw_ptr, g, cos1, cos2, sin1, sin2, eps, HKV, BHKV, D, HALF, dtype)
-        v_src = row + (HQ + HKV) * D + g * D + d
-        v1 = tl.load(v_src)
-        v2 = tl.load(v_src + HALF)
-        if h % (HQ // HKV) == 0:  # one program per key/value head writes the cache
-            tl.store(kc + slot * stride_kcl + d, k1.to(cdtype))
-            tl.store(kc + slot * stride_kcl + HALF + d, k2.to(cdtype))
-            tl.store(vc + slot * stride_vcl + d, v1.to(cdtype))
-            tl.store(vc + slot * stride_vcl + HALF + d, v2.to(cdtype))
-        k1 = _round(k1, cdtype)
-        k2 = _round(k2, cdtype)
-        m = (tl.sum(q1 * k1, axis=0) + tl.sum(q2 * k2, axis=0)) * scale
-        if HAS_MASK:
-            m += tl.load(mrow + slot).to(tl.float32)
-        l = tl.full((), 1.0, tl.float32)
-        acc1 = v1.to(cdtype).to(tl.float32)
-        acc2 = v2.to(cdtype).to(tl.float32)
-    for i in range(NBLK):  # a constant trip count (the interpreter's range() takes no loaded bound)
-        p0 = start + i * BL
-        if p0 < stop:
-            pos = p0 + tl.arange(0, BL)
-            ok = pos < stop
-            k_at = kc + pos[:, None].to(tl.int64) * stride_kcl + d[None, :]
-            v_at = vc + pos[:, None].to(tl.int64) * stride_vcl + d[None, :]
-            s = (tl.sum(tl.load(k_at, mask=ok[:, None], other=0.0).to(tl.float32) * q1[None, :], axis=1)
-                 + tl.sum(tl.load(k_at + HALF, mask=ok[:, None], other=0.0).to(tl.float32) * q2[None, :], axis=1)) * scale
-            if HAS_MASK:  # additive: 0 where allowed, the dtype's minimum (finite) where not
-                s += tl.load(mrow + pos, mask=ok, other=0.0).to(tl.float32)
-            s = tl.where(ok, s, -float("inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            l = l * alpha + tl.sum(p, axis=0)
-            acc1 = acc1 * alpha + tl.sum(p[:, None] * tl.load(v_at, mask=ok[:, None], other=0.0).to(tl.float32), axis=0)
-            acc2 = acc2 * alpha + tl.sum(p[:, None] * tl.load(v_at + HALF, mask=ok[:, None], other=0.0).to(tl.float32),
-                                         axis=0)
-            m = m_new
-    if SPLITS == 1:
-        o = out_ptr + b * stride_out + h * D + d
-        tl.store(o, (acc1 / l).to(dtype))
-        tl.store(o + HALF, (acc2 / l).to(dtype))
-    else:  # (m, l, acc) of this split; `_attend_combine_kernel` merges them
-        part = part_ptr + ((b * HQ + h) * SPLITS + split) * (D + 2)
-        tl.store(part + d, acc1)
-        tl.store(part + HALF + d, acc2)
-        tl.store(part + D, m)
-        tl.store(part + D + 1, l)
-
-
-@triton.jit
-def _attend_combine_kernel(part_ptr, out_ptr, stride_out, HQ: tl.constexpr, D: tl.constexpr,
-                           SPLITS: tl.constexpr, BS: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    sp = tl.arange(0, BS)
-    d = tl.arange(0, D)
-    part = part_ptr + (b * HQ + h) * SPLITS * (D + 2) + sp * (D + 2)
-    ok = sp < SPLITS
-    m = tl.load(part + D, mask=ok, other=-float("inf"))
-    l = tl.load(part + D + 1, mask=ok, other=0.0)
-    acc = tl.load(part[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # the last split always holds the new token: its m is finite
-    w = tl.where(ok & (l > 0), w, 0.0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(out_ptr + b * stride_out + h * D + d, out.to(out_ptr.dtype.element_ty))
-
-
-def _attend_launch(rows: int, cache_len: int, device: torch.device) -> tuple[int, int, int]:
-    """(splits, block, warps) of the fused attention for `rows` (row, query head) pairs over `cache_len` slots.
-
-    splits: programs per pair over the slots, for ~2 waves of the GPU's multiprocessors, each reading at least 4
-    blocks of 64 (1 where the pairs fill the GPU or the cache is short).
-    """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    splits = SPLITS or max(1, min(triton.cdiv(2 * sms, rows), cache_len // 256))
-    block, warps = (64, 8) if rows * splits < sms else (32, 4)
-    return splits, ATTEND_BLOCK or block, warps
-
-
-def qk_norm_rope_attend(qkv: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
-                        cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        length: torch.Tensor, mask: torch.Tensor | None, scale: float, num_heads: int,
-                        num_kv_heads: int) -> torch.Tensor:
-    """`qk_norm_rope_cache`, then attention of each row's new query over its cache (the new token included).
-
-    Args:
-        mask: (B, 1, 1, L) additive mask over the cache's slots (0 allowed, the dtype's minimum not), or None.
-        scale: the attention's softmax scale; the rest as in `qk_norm_rope_cache`.
-    Returns:
-        (B, HQ D) the attention output of every head, side by side (the o projection's input).
-    """
-    B = qkv.shape[0]
-    D, L = keys.shape[-1], keys.shape[-2]
-    out = torch.empty(B, num_heads * D, device=qkv.device, dtype=qkv.dtype)
-    splits, block, warps = _attend_launch(B * num_heads, L, qkv.device)
-    part = (torch.empty(B, num_heads, splits, D + 2, device=qkv.device, dtype=torch.float32) if splits > 1
-            else out)
-    cos, sin = cos.reshape(B, D), sin.reshape(B, D)
-    if mask is not None:
-        if mask.dtype == torch.bool or mask.shape[-2] != 1 or mask.shape[1] != 1 or mask.shape[-1] != L:
-            raise ValueError(f"the fused attention takes an additive (B, 1, 1, {L}) mask, got {mask.dtype} "
-                             f"{tuple(mask.shape)}")
-        mask = mask.expand(B, 1, 1, L)
-    _qk_rope_attend_kernel[(B, num_heads, splits)](
-        qkv, q_norm_weight, k_norm_weight, cos, sin, keys, values, length, mask if mask is not None else out, out,
-        part, qkv.stride(0), cos.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), mask.stride(0) if mask is not None else 0, out.stride(0), eps, scale,
-        HQ=num_heads, HKV=num_kv_heads, BHQ=triton.next_power_of_2(num_heads),
-        BHKV=triton.next_power_of_2(num_kv_heads), D=D, HALF=D // 2, BL=block,
-        NBLK=triton.cdiv(triton.cdiv(L, splits), block), SPLITS=splits, HAS_MASK=mask is not None, num_warps=warps)
-    if splits > 1:
-        _attend_combine_kernel[(B, num_heads)](part, out, out.stride(0), HQ=num_heads, D=D, SPLITS=splits,
-                                               BS=triton.next_power_of_2(splits), num_warps=4)
-    return out
 
 
 @triton.jit

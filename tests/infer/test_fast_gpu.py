@@ -135,73 +135,17 @@ def test_deterministic_mode_leaves_cudnn_attention_out():
             counts.append(sum("cudnn" in e.name and "sdpa" in e.name for e in p.events()))
         return counts[1] - counts[0]
 
-    # the stock layers' SDPA (the fused layer attends in its own kernel, below)
-    if cudnn_step_kernels(FastDecoder(m, cuda_graphs=False, fused=False)) == 0:
+    if cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0:
         pytest.skip("this torch does not dispatch these decode steps to cuDNN attention")
     torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS would want CUBLAS_WORKSPACE_CONFIG
     try:
-        assert cudnn_step_kernels(FastDecoder(m, cuda_graphs=False, fused=False)) == 0
-        dec = FastDecoder(m, fused=False)
+        assert cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0
+        dec = FastDecoder(m)
         a = dec.generate(ids, max_new_tokens=16, output_logits=True)
         b = dec.generate(ids, max_new_tokens=16, output_logits=True)
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(a.logits, b.logits)
-
-
-def test_fused_attention_repeats_at_batch_32():
-    """The fused decode layer's attention sums in a fixed order: batch-32 greedy decoding repeats its logits
-    exactly without torch's deterministic switch (cuDNN's SDPA did not, on an H100)."""
-    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
-
-    from flexmoe.infer import FastDecoder
-
-    torch.manual_seed(0)
-    cfg = FlexOlmoConfig(vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
-                         pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
-    m = FlexOlmoForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(2, 512, (32, 128), device="cuda")
-    dec = FastDecoder(m)
-    assert dec.fused
-    a = dec.generate(ids, max_new_tokens=16, output_logits=True)
-    b = dec.generate(ids, max_new_tokens=16, output_logits=True)
-    assert torch.equal(a.logits, b.logits)
-
-
-@pytest.mark.parametrize("B,L,slot,splits", [(1, 192, 150, None), (32, 192, 130, None), (1, 2048, 1500, None),
-                                             (4, 640, 600, 3)])
-def test_fused_attention_close_to_sdpa_bf16(B, L, slot, splits):
-    """The fused q/k + attention kernel at the 1B shape's heads (16 x 128) against the q/k kernel + fp32 SDPA on the
-    same bf16 inputs: one block a program at batch 1, 4 warps at batch 32, split over the slots for a long cache."""
-    import torch.nn.functional as F
-
-    from flexmoe.infer import triton_decode as td
-
-    torch.manual_seed(B + slot)
-    HQ, D, bf = 16, 128, torch.bfloat16
-    qkv = torch.randn(B, 3 * HQ * D, device="cuda", dtype=bf)
-    qw, kw = (torch.rand(HQ * D, device="cuda", dtype=bf) + 0.5 for _ in range(2))
-    pos = torch.arange(slot, slot + B, device="cuda", dtype=torch.float32)
-    freq = pos[:, None] / 500000 ** (torch.arange(0, D, 2, device="cuda") / D)[None]
-    cos, sin = (torch.cat([f, f], -1).to(bf)[:, None] for f in (freq.cos(), freq.sin()))
-    keys, values = (torch.randn(B, HQ, L, D, device="cuda", dtype=bf) for _ in range(2))
-    length = torch.tensor(slot, device="cuda")
-    pad = torch.randint(0, slot // 2, (B,), device="cuda")
-    allowed = (torch.arange(L, device="cuda")[None] >= pad[:, None]) & (torch.arange(L, device="cuda")[None] <= slot)
-    mask = torch.zeros(B, 1, 1, L, device="cuda", dtype=bf).masked_fill_(~allowed[:, None, None], torch.finfo(bf).min)
-    ref_keys, ref_values = keys.clone(), values.clone()
-    q = td.qk_norm_rope_cache(qkv, qw, kw, 1e-6, cos, sin, ref_keys, ref_values, length, HQ, HQ)
-    ref = F.scaled_dot_product_attention(q.float(), ref_keys.float(), ref_values.float(), attn_mask=mask.float(),
-                                         scale=D ** -0.5).reshape(B, HQ * D)
-    td.SPLITS = splits
-    try:
-        out = td.qk_norm_rope_attend(qkv, qw, kw, 1e-6, cos, sin, keys, values, length, mask, D ** -0.5, HQ, HQ)
-    finally:
-        td.SPLITS = None
-    assert torch.equal(values, ref_values)
-    assert (keys.float() - ref_keys.float()).abs().max() <= 2 ** -6 * ref_keys.float().abs().max()  # a bf16 ulp
-    assert ((out.float() - ref).norm() / ref.norm()) < 5e-3
 
 
 def test_fp32_graphs_match_stock_eager_with_bias():

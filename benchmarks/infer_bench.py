@@ -13,6 +13,9 @@ Rows (per E, k):
 - `flexmoe`: flexmoe's registered experts kernel (Triton for decode batches, grouped GEMM for prefill) and
   `FastDecoder` (static cache, decode step captured in a CUDA graph per batch bucket).
 - `flexmoe_grouped`: the same decoder with the CUTLASS grouped GEMM for decode too (kernel A/B).
+- `flexmoe_determ`: `flexmoe` under `flexmoe.infer.deterministic()` (what `generate --deterministic` runs: no cuDNN
+  attention, fixed expert-kernel tiles), first combination only. Every flexmoe row records `same_tokens_b*`, the
+  share of tokens its three timed calls agree on.
 - `flexmoe+compile`: `flexmoe` with the decoder layers compiled by torch.compile before capture (E=4, k=2).
 Columns: prefill tok/s (B32 x 512, no cache, last-token logits); decode tok/s at batch 1 and 32 (prompt 128, greedy;
 `gen` = new tokens / whole generate call as the stock script times it, 64 new tokens for flexmoe and 32 for the
@@ -59,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from flexmoe.infer import deterministic  # noqa: E402
 
 SHAPE = dict(vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096,
@@ -290,16 +295,19 @@ def run_flexmoe(m, experts, compile_, xp, x, row, budget, errors, prefill=True, 
             t = time.perf_counter()
             dec.generate(x[:b, :DS], max_new_tokens=NEW)  # capture (and compile) happen here
             row[f"setup_s_b{b}"] = round(time.perf_counter() - t, 1)
-            walls, loops = [], []
+            walls, loops, seqs = [], [], []
             for _ in range(3):
                 t = time.perf_counter()
                 out = dec.generate(x[:b, :DS], max_new_tokens=NEW)
                 sync()
                 walls.append(time.perf_counter() - t)  # the whole call, host work included, as for stock
                 loops.append(out.decode_s)
+                seqs.append(out.sequences)
             total, loop = statistics.median(walls), statistics.median(loops)
             row[f"gen_b{b}"] = round(b * NEW / total, 1)
             row[f"step_b{b}"] = round(b * (NEW - 1) / loop, 1)
+            # the share of tokens the three calls agree on (1.0: repeatable; SDPA's cuDNN kernel is not at batch 32)
+            row[f"same_tokens_b{b}"] = round(min(float((s == seqs[0]).float().mean()) for s in seqs), 4)
         except Exception as e:
             row[f"gen_b{b}"] = errors.add(f"{row['impl']} E{row['E']}k{row['k']} decode b{b}", e)
             try:  # without graphs, to tell a capture problem from a kernel problem
@@ -589,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [] if args.no_stock else [("eager", "stock"), ("grouped_mm", "stock")]
         variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_unfused", "flexmoe"),
                      ("flexmoe_grouped", "flexmoe")]
+        if (E, k) == combos[0]:  # what `generate --deterministic` costs (no cuDNN attention, fixed expert tiles)
+            variants.insert(variants.index(("flexmoe", "flexmoe")) + 1, ("flexmoe_determ", "flexmoe"))
         for impl, kind in variants:
             if kind == "check":  # after the stock rows: enabling the fast path swaps the model's norms
                 if (E, k) == combos[0]:
@@ -604,9 +614,10 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "stock":
                     run_stock(m, impl, xp, x, row, budget, errors)
                 else:
-                    experts = "flexmoe" if impl == "flexmoe_unfused" else impl
-                    run_flexmoe(m, experts, False, xp, x, row, budget, errors, prefill=impl == "flexmoe",
-                                fused=None if impl == "flexmoe" else False)
+                    experts = "flexmoe" if impl in ("flexmoe_unfused", "flexmoe_determ") else impl
+                    with deterministic(impl == "flexmoe_determ"):
+                        run_flexmoe(m, experts, False, xp, x, row, budget, errors, prefill=impl == "flexmoe",
+                                    fused=None if impl in ("flexmoe", "flexmoe_determ") else False)
             except Exception as e:
                 row["prefill"] = errors.add(f"{impl} E{E}k{k}", e)
             finish(row, E, k, n_act, bw)

@@ -21,13 +21,14 @@ from flexmoe.cli import options as o
 @o.dtype
 @o.no_bias
 @o.no_fast
+@o.deterministic
 @click.option("--json-out", type=o.PATH, metavar="FILE",
               help="Write the report here (rates, settings, document index and offset per sample; no text).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json-out file.")
 @o.quiet
 @o.as_json
 def audit_extraction_cmd(model, data, prefixes, prefix_len, gen_len, seed, batch_size, device, dtype, no_bias,
-                         no_fast, json_out, overwrite, quiet, as_json):
+                         no_fast, deterministic, json_out, overwrite, quiet, as_json):
     """Privacy audit: how much of an owner's training text MODEL reproduces.
 
     MODEL is a dense anchor, a 2-expert model or a merged checkpoint. From --prefixes documents of --data (drawn
@@ -47,7 +48,7 @@ def audit_extraction_cmd(model, data, prefixes, prefix_len, gen_len, seed, batch
 
     cfg = ExtractionConfig(model=model, data=list(data), prefixes=prefixes, prefix_len=prefix_len, gen_len=gen_len,
                            seed=seed, batch_size=batch_size, device=device, dtype=dtype, bias=not no_bias,
-                           fast=not no_fast)
+                           fast=not no_fast, deterministic=deterministic)
     r = api.audit_extraction(cfg, json_out, overwrite=overwrite, progress=not quiet)
     if as_json:
         o.emit(r, True, "")

@@ -17,25 +17,28 @@ from flexmoe.cli import options as o
 @o.dtype
 @o.no_fast
 @o.no_bias
+@o.deterministic
 @o.as_json
-def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias, as_json):
+def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias, deterministic, as_json):
     """Greedy continuation of each --prompt by MODEL (a merged checkpoint, a 2-expert model or an anchor).
 
     The fast path swaps in flexmoe's experts kernel and decodes over a static KV cache, with each decode step
     (and a small prompt's prefill) captured in a CUDA graph on GPU; a FlexOlmo model in bf16 on CUDA decodes
     through flexmoe's fused decode layer (nine kernels a layer). The checkpoint on disk is untouched and still
-    loads in stock transformers.
+    loads in stock transformers. A batch of many prompts may decode slightly differently from one run to the
+    next on GPU (cuDNN's attention does not repeat its sums); --deterministic makes every run give the same tokens.
 
     \b
     Example:
       flexmoe generate runs/merged --prompt "def fibonacci(n):" --max-new-tokens 48
       flexmoe generate runs/merged --prompt "Four score" --prompt "import numpy" --no-fast
+      flexmoe generate runs/merged --prompt "def add(a, b):" --prompt "SELECT" --deterministic
     """
     from flexmoe import api
     from flexmoe.config import GenerateConfig
 
     cfg = GenerateConfig(model=model, prompts=list(prompts), max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                         fast=not no_fast, bias=not no_bias)
+                         fast=not no_fast, bias=not no_bias, deterministic=deterministic)
     result = api.generate(cfg)
     if as_json:
         o.emit(result, True, "")
@@ -43,6 +46,6 @@ def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias
     for prompt, text in zip(result.prompts, result.texts):
         click.echo(f"{prompt}{text}")
         click.echo("")
-    path = "fast path" if result.fast else "stock generate"
+    path = ("fast path" if result.fast else "stock generate") + (", deterministic" if result.deterministic else "")
     click.echo(f"{sum(result.new_tokens)} tokens in {result.prefill_s + result.decode_s:.2f} s "
                f"({result.tok_s:.1f} tok/s, {path}, {result.device})")

@@ -22,6 +22,9 @@ no_bias = click.option("--no-bias", is_flag=True,
                        help="Load a merged checkpoint as stock transformers does (no expert bias).")
 no_fast = click.option("--no-fast", is_flag=True,
                        help="Stock transformers generate instead of flexmoe's fast path (CUDA graphs on GPU).")
+deterministic = click.option("--deterministic", is_flag=True,
+                             help="Same tokens in every run (torch's deterministic algorithms: no cuDNN attention, "
+                                  "fixed expert-kernel tiles); about 5% slower on GPU. CPU runs repeat anyway.")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")

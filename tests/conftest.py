@@ -234,3 +234,18 @@ def bow_embedder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bow") / "embedder"
     SentenceTransformer(modules=[models.BoW(vocab=vocab)], device="cpu").save(str(out))
     return out
+
+
+# ---- inference (tests/infer/test_run.py, tests/eval/test_extraction.py) ----
+
+@pytest.fixture
+def deterministic_seen():
+    """`torch.are_deterministic_algorithms_enabled()` as every module's forward saw it, in call order (a global
+    forward pre-hook, removed after the test)."""
+    import torch
+
+    seen: list[bool] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda _module, _args: seen.append(torch.are_deterministic_algorithms_enabled()))
+    yield seen
+    handle.remove()

@@ -235,8 +235,11 @@ def audit_extraction(cfg: ExtractionConfig, out: Path | None, *, overwrite: bool
     if eos is None:
         eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gens = greedy_continuations(model, prefixes, cfg.gen_len, batch_size=cfg.batch_size, fast=fast, eos_id=eos,
-                                pad_id=pad, progress=progress)
+    from flexmoe.infer import deterministic
+
+    with deterministic(cfg.deterministic):
+        gens = greedy_continuations(model, prefixes, cfg.gen_len, batch_size=cfg.batch_size, fast=fast, eos_id=eos,
+                                    pad_id=pad, progress=progress)
     samples = score_samples(token_lists, picks, gens, prefix_len=cfg.prefix_len, gen_len=cfg.gen_len)
     n, G = len(samples), cfg.gen_len
     settings = {**jsonable(cfg), "json_out": None if out is None else str(out)}

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from flexmoe.infer.decode import FastDecoder, GenerateOutput
+from flexmoe.infer.decode import FastDecoder, GenerateOutput, deterministic
 from flexmoe.infer.experts import EXPERTS_IMPL, register
 
-__all__ = ["FastDecoder", "GenerateOutput", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]
+__all__ = ["FastDecoder", "GenerateOutput", "deterministic", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]
 
 
 def enable_fast_path(model, *, cuda_graphs: bool | None = None, compile: bool | str = False,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import os
 import time
 
 import torch
@@ -31,6 +32,7 @@ GRAPH_PREFILL_TOKENS = 2048  # prefills of at most this many (padded) tokens rep
 # host's launches of the stock forward's ~700 kernels, not the GPU, set the pace (~25 ms at batch 1 for 16 layers)
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every row has finished"
 MAX_EOS = 8  # EOS ids per generation (a fixed-size buffer: the captured graph reads it in place)
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 
 
 class FlexStaticCache(StaticCache):
@@ -191,9 +193,9 @@ class FastDecoder:
             the stock layer. Default: where `why_not_fused` allows it (FlexOlmo, CUDA, bf16/fp16); True insists
             (an error says why it cannot); "interpret" also allows CPU and fp32 (Triton's interpreter, tests).
 
-    Repeatable output: under `torch.use_deterministic_algorithms(True)` decode steps leave cuDNN attention out,
-    which torch does not; by default they take SDPA's fastest kernel, and cuDNN's can change the logits of
-    identical calls (measured at batch 32 on an H100).
+    Repeatable output: under `torch.use_deterministic_algorithms(True)` (`deterministic()`) decode steps leave cuDNN
+    attention out, which torch does not, and the expert kernels take fixed tiles; by default they take SDPA's
+    fastest kernel, and cuDNN's can change the logits of identical calls (measured at batch 32 on an H100).
     """
 
     def __init__(self, model, *, cuda_graphs: bool | None = None, compile: bool | str = False,
@@ -358,6 +360,33 @@ class FastDecoder:
             new = _trim_finished(new, eos)
         lg = torch.stack(steps_logits, dim=1)[:B, : new.shape[1]] if output_logits else None
         return new, lg, t1 - t0, t2 - t1
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """`torch.use_deterministic_algorithms(True)` inside the block, restored after: the same prompts then decode to
+    the same tokens in every run on the same hardware and software, batch 32 included (by default cuDNN's attention
+    does not repeat its sums there, and the expert kernels' autotuned tiles can differ between processes). Inside,
+    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; ~5% slower a step
+    (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
+    if not enabled:
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    # in this mode torch refuses cuBLAS calls unless cuBLAS has a fixed workspace, which this variable requests
+    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8") if CUBLAS_WORKSPACE not in os.environ else None
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        what = str(e).splitlines()[0].split(", but you set")[0]  # "put_ does not have a deterministic implementation"
+        raise ConfigError(f"{what}: run without deterministic decoding (--deterministic)") from e
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        if cublas is not None:
+            del os.environ[CUBLAS_WORKSPACE]
 
 
 def _repeatable_attention():

@@ -8,7 +8,7 @@ import time
 import torch
 
 from flexmoe.config import DType, GenerateConfig
-from flexmoe.infer import FastDecoder, enable_fast_path
+from flexmoe.infer import FastDecoder, deterministic, enable_fast_path
 
 
 @dataclasses.dataclass
@@ -23,6 +23,7 @@ class GenerateResult:
     decode_s: float
     device: str
     fast: bool
+    deterministic: bool = False
 
     @property
     def tok_s(self) -> float:
@@ -33,6 +34,11 @@ class GenerateResult:
 
 
 def run_generate(cfg: GenerateConfig) -> GenerateResult:
+    with deterministic(cfg.deterministic):
+        return _run_generate(cfg)
+
+
+def _run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.checkpoint.load import load_model
     from flexmoe.data import load_tokenizer
     from flexmoe.io import hf_config
@@ -71,4 +77,5 @@ def run_generate(cfg: GenerateConfig) -> GenerateResult:
     counts = [next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new]  # up to the EOS
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(new, counts)], skip_special_tokens=True)
     return GenerateResult(model=str(cfg.model), prompts=list(cfg.prompts), texts=texts, new_tokens=counts,
-                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast)
+                          prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast,
+                          deterministic=cfg.deterministic)

@@ -136,6 +136,24 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, row_pair_ptr, block_expert_ptr, weight_ptr
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
+# Under `torch.use_deterministic_algorithms(True)` the two kernels launch with one fixed configuration instead of the
+# autotuner's pick, which is timed afresh in every process: near-ties flip between runs, and another BK sums the
+# inner dimension in another order, so the same prompt could decode differently in two processes (Inductor's
+# deterministic mode stops autotuning for the same reason). (BN, BK, warps, stages): the lists' best at one token
+# (benchmarks/expert_kernel_bench.py, H200); at BM 64, where the comment above has 32/256/4/6 pruned, 64/128/4/4.
+_REPEATABLE_GATE_UP = (64, 128, 4, 4)
+_REPEATABLE_DOWN = {16: (32, 256, 4, 6), 32: (32, 256, 4, 6), 64: (64, 128, 4, 4)}
+
+
+def _launch(kernel, grid, args, choice, **constexprs) -> None:
+    """`kernel` (autotuned) launched on `grid`, or with the fixed `choice` in deterministic mode."""
+    if not torch.are_deterministic_algorithms_enabled():
+        kernel[grid](*args, **constexprs)
+        return
+    bn, bk, warps, stages = choice
+    kernel.fn[grid](*args, **constexprs, BN=bn, BK=bk, num_warps=warps, num_stages=1 if _INTERPRET else stages)
+
+
 def block_rows(pairs: int, num_experts: int) -> int:
     """Rows per block: about the expected group size, so most active experts' weights are read by one block."""
     per_expert = -(-pairs // num_experts)
@@ -193,13 +211,13 @@ def fused_expert_pairs(hidden_states: torch.Tensor, w_gate_up: torch.Tensor, w_d
     w_down = w_down.contiguous()
     BM, num_blocks, row_pair, block_expert = pair_layout(top_k_index, E)
     h = torch.empty(S, I, device=dev, dtype=x.dtype)  # (S, I) per pair
-    _gate_up_kernel[lambda meta: (num_blocks, triton.cdiv(I, meta["BN"]))](
-        x, w_gate_up, h, row_pair, block_expert, S, E, k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), H=H, I=I, BM=BM)
+    _launch(_gate_up_kernel, lambda meta: (num_blocks, triton.cdiv(I, meta["BN"])),
+            (x, w_gate_up, h, row_pair, block_expert, S, E, k,
+             x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0)), _REPEATABLE_GATE_UP, H=H, I=I, BM=BM)
     y = torch.empty(S, H, device=dev, dtype=x.dtype)  # (S, H) per pair, already weighted
-    _down_kernel[lambda meta: (num_blocks, triton.cdiv(H, meta["BN"]))](
-        h, w_down, y, row_pair, block_expert, top_k_weights.reshape(-1).contiguous(), S, E,
-        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), H=H, I=I, BM=BM)
+    _launch(_down_kernel, lambda meta: (num_blocks, triton.cdiv(H, meta["BN"])),
+            (h, w_down, y, row_pair, block_expert, top_k_weights.reshape(-1).contiguous(), S, E,
+             h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0)), _REPEATABLE_DOWN[BM], H=H, I=I, BM=BM)
     return y
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,8 +48,9 @@ def test_7b_code_path_on_cpu(monkeypatch, tmp_path, capsys):
     result = json.loads((tmp_path / "infer_bench.json").read_text())
     assert result["shape_name"] == "7b" and result["info"]["memory_plan"]["E7k7"]["fits"]
     rows = {r["impl"]: r for r in result["rows"]}
-    assert list(rows) == ["eager", "grouped_mm", "flexmoe", "flexmoe_unfused", "flexmoe_grouped"]
+    assert list(rows) == ["eager", "grouped_mm", "flexmoe", "flexmoe_determ", "flexmoe_unfused", "flexmoe_grouped"]
     assert rows["flexmoe_unfused"]["fused"] is False and "pct_bw_gen_b1" in rows["flexmoe"]
+    assert rows["flexmoe_determ"]["same_tokens_b2"] == 1.0 and not torch.are_deterministic_algorithms_enabled()
     for r in rows.values():
         assert (r["E"], r["k"]) == (7, 7) and isinstance(r["gen_b1"], float) and r["active_experts_b1"] == 7
     assert isinstance(rows["flexmoe"]["step_b2"], float) and rows["flexmoe"]["bound_tok_s_b1"] > 0

@@ -52,6 +52,12 @@ def test_json_to_stdout(inputs):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["format"] == "flexmoe-extraction/1" and out["n"] == 2 and out["requested"] == 2
+    assert out["settings"]["deterministic"] is False
+    res = _run(inputs["anchor"], "--data", inputs["docs"], "--prefix-len", 8, "--gen-len", 16, "--prefixes", 2,
+               "--json", "--deterministic")
+    assert res.exit_code == 0, res.output
+    det = json.loads(res.stdout)
+    assert det["settings"]["deterministic"] is True and det["exact_match"] == out["exact_match"]
 
 
 @pytest.mark.parametrize("case,message", [

@@ -30,6 +30,8 @@ def test_fast_equals_stock(eval_models, which):
 def test_plain_output_and_errors(eval_models, tmp_path):
     out = _run(eval_models.flex["flex3"], "--prompt", "the lord", "--max-new-tokens", 4)
     assert out.startswith("the lord") and "tok/s, fast path, cpu" in out
+    det = _run(eval_models.flex["flex3"], "--prompt", "the lord", "--max-new-tokens", 4, "--deterministic")
+    assert "tok/s, fast path, deterministic, cpu" in det and det.splitlines()[0] == out.splitlines()[0]
     res = CliRunner().invoke(main, ["generate", str(tmp_path / "missing"), "--prompt", "x"])
     assert res.exit_code == 1 and "no such model directory" in res.output
     res = CliRunner().invoke(main, ["generate", str(eval_models.flex["flex3"]), "--prompt", "x",

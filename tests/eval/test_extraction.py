@@ -134,6 +134,16 @@ def test_same_seed_same_samples_and_report_has_no_text(world, tmp_path):
     assert not any(" ".join(t.split()[:2]) in dumped for t in texts)  # indices and offsets only, no text
 
 
+def test_deterministic_audit_decodes_under_the_switch(world, tmp_path, deterministic_seen):
+    det = _audit(world["memorised"], world["docs"], prefixes=4, deterministic=True, json_out=tmp_path / "d.json")
+    n = len(deterministic_seen)
+    plain = _audit(world["memorised"], world["docs"], prefixes=4)
+    assert 0 < n < len(deterministic_seen) and all(deterministic_seen[:n]) and not any(deterministic_seen[n:])
+    assert [s.lcp for s in det.samples] == [s.lcp for s in plain.samples]
+    assert json.loads((tmp_path / "d.json").read_text())["settings"]["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_sampling_draws_one_offset_per_long_enough_document():
     lists = [[0] * 30, [0] * 10, [0] * 24, [0] * 50]
     picks = sample_prefixes(lists, count=10, need=24, seed=0)

@@ -74,9 +74,13 @@ def test_unused_expert_weights_are_never_read():
 
 _TRITON_CHECK = r"""
 import torch, torch.nn.functional as F
-from flexmoe.infer.triton_moe import fused_experts
+from flexmoe.infer import deterministic
+from flexmoe.infer.triton_moe import block_rows, fused_experts
 torch.manual_seed(0)
-for T, k, E, H, I in [(1, 2, 4, 64, 96), (3, 2, 4, 32, 64), (32, 2, 4, 64, 128), (8, 4, 8, 48, 80), (40, 2, 4, 32, 32)]:
+cases = [(1, 2, 4, 64, 96), (3, 2, 4, 32, 64), (32, 2, 4, 64, 128), (8, 4, 8, 48, 80), (40, 2, 4, 32, 32),
+         (64, 2, 4, 32, 32)]
+assert sorted({block_rows(T * k, E) for T, k, E, _, _ in cases}) == [16, 32, 64]
+for T, k, E, H, I in cases:
     x = torch.randn(T, H); wgu = torch.randn(E, 2 * I, H) / 8; wd = torch.randn(E, H, I) / 8
     w, idx = torch.randn(T, E).softmax(-1).topk(k, -1)
     ref = torch.zeros(T, H)
@@ -85,10 +89,13 @@ for T, k, E, H, I in [(1, 2, 4, 64, 96), (3, 2, 4, 32, 64), (32, 2, 4, 64, 128),
             g, u = (wgu[idx[t, j]] @ x[t]).chunk(2)
             ref[t] += w[t, j] * (wd[idx[t, j]] @ (F.silu(g) * u))
     torch.testing.assert_close(fused_experts(x, wgu, wd, idx, w), ref, rtol=1e-4, atol=1e-5)
+    with deterministic():  # the fixed tiles, launched without the autotuner
+        torch.testing.assert_close(fused_experts(x, wgu, wd, idx, w), ref, rtol=1e-4, atol=1e-5)
 print("ok")
 """
 
 
 def test_triton_kernel_in_interpreter(triton_interpreter):
-    """The Triton decode kernel, run by Triton's CPU interpreter (skipped where Triton is not installed)."""
+    """The Triton decode kernel, run by Triton's CPU interpreter (skipped where Triton is not installed), with the
+    autotuner's tiles and with the fixed ones of deterministic mode."""
     triton_interpreter(_TRITON_CHECK)

@@ -112,12 +112,14 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
 
 
 def test_deterministic_mode_leaves_cudnn_attention_out():
-    """Under torch.use_deterministic_algorithms the decode steps run no cuDNN attention kernel (whose batch-32
-    steps were not repeatable on an H100) and repeat their logits exactly."""
+    """Inside `deterministic()` (strict: an operation without a deterministic kernel would raise) the decode steps
+    run no cuDNN attention kernel (whose batch-32 steps were not repeatable on an H100), the expert kernels skip the
+    autotuner, and two decoders repeat their logits exactly."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
-    from flexmoe.infer import FastDecoder
+    from flexmoe.infer import FastDecoder, deterministic
+    from flexmoe.infer import triton_moe as M
 
     torch.manual_seed(0)
     cfg = FlexOlmoConfig(vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
@@ -137,15 +139,17 @@ def test_deterministic_mode_leaves_cudnn_attention_out():
 
     if cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0:
         pytest.skip("this torch does not dispatch these decode steps to cuDNN attention")
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS would want CUBLAS_WORKSPACE_CONFIG
-    try:
+    M._gate_up_kernel.cache.clear()
+    M._down_kernel.cache.clear()
+    with deterministic():
         assert cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0
         dec = FastDecoder(m)
+        assert dec.fused
         a = dec.generate(ids, max_new_tokens=16, output_logits=True)
         b = dec.generate(ids, max_new_tokens=16, output_logits=True)
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert torch.equal(a.logits, b.logits)
+        c = FastDecoder(m).generate(ids, max_new_tokens=16, output_logits=True)
+    assert not M._gate_up_kernel.cache and not M._down_kernel.cache  # no autotuned tiles, which may differ by run
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.logits, c.logits)
 
 
 def test_fp32_graphs_match_stock_eager_with_bias():

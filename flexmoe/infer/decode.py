@@ -240,9 +240,8 @@ class FastDecoder:
 
     @contextlib.contextmanager
     def _decode_forwards(self):
-        with _repeatable_attention() if torch.are_deterministic_algorithms_enabled() else contextlib.nullcontext():
-            with self._decode_layers():
-                yield
+        with _mode_attention(), self._decode_layers():
+            yield
 
     @contextlib.contextmanager
     def _decode_layers(self):
@@ -340,7 +339,8 @@ class FastDecoder:
         sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        runner.run_prefill(ids, pad)
+        with _mode_attention():
+            runner.run_prefill(ids, pad)
         sync()
         t1 = time.perf_counter()
         steps_logits = [runner.logits.clone()] if output_logits else None
@@ -389,11 +389,14 @@ def deterministic(enabled: bool = True):
             del os.environ[CUBLAS_WORKSPACE]
 
 
-def _repeatable_attention():
-    """SDPA without its cuDNN backend, for `torch.use_deterministic_algorithms(True)`, which torch does not apply to
-    it: cuDNN's kernels gave different logits on identical batch-32 decode steps (H100, torch 2.11, the 1B shape
-    with a 128-token prompt), the memory-efficient ones (chosen instead; flash takes no additive mask) the same
-    logits every time, ~5% slower a step (benchmarks/NOTES.md §6). Prefills keep the default dispatch."""
+def _mode_attention():
+    """Under `torch.use_deterministic_algorithms(True)`, which torch does not apply to it, SDPA without its cuDNN
+    backend: cuDNN's kernels gave different logits on identical batch-32 decode steps (H100, torch 2.11, the 1B
+    shape with a 128-token prompt), the memory-efficient ones (chosen instead; flash takes no additive mask) the
+    same logits every time, ~5% slower a step (benchmarks/NOTES.md §6). Prefills too: their cuDNN logits repeated
+    in that probe, but nothing promises it at other shapes. Otherwise SDPA's default dispatch."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -184,6 +184,32 @@ def test_deterministic_mode_decodes_through_its_own_steps():
     assert torch.equal(first.sequences[:, ids.shape[1]:], _stock(m, ids, mask)[0])
 
 
+def test_deterministic_mode_keeps_cudnn_attention_out_of_prompt_and_steps():
+    """Every attention call of a generation, the prompt's and the steps', sees SDPA's cuDNN backend off under
+    `deterministic()` and on otherwise (the backend flags are process-wide, so this holds on CPU as on CUDA)."""
+    from flexmoe.infer import deterministic
+    from flexmoe.infer.decode import FastDecoder
+
+    m = _model()
+    ids, mask = _prompts()
+    seen: list[tuple[int, bool]] = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs
+                                              else args[0].shape[1], torch.backends.cuda.cudnn_sdp_enabled())),
+        with_kwargs=True) for layer in m.model.layers]
+    try:
+        dec = FastDecoder(m)
+        with deterministic():
+            dec.generate(ids, mask, max_new_tokens=4)
+        det, seen[:] = list(seen), []
+        dec.generate(ids, mask, max_new_tokens=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert {q for q, _ in det} == {1, ids.shape[1] + (-ids.shape[1]) % 32} == {q for q, _ in seen}  # prompt, steps
+    assert not any(on for _, on in det) and all(on for _, on in seen)
+
+
 def test_deterministic_block_sets_and_restores_the_switch(monkeypatch):
     """`deterministic()` turns torch's switch on (and asks cuBLAS for a fixed workspace) only inside the block, and
     puts back whatever was set before, also when the block raises."""

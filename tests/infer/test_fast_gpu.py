@@ -113,8 +113,8 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
 
 def test_deterministic_mode_leaves_cudnn_attention_out():
     """Inside `deterministic()` (strict: an operation without a deterministic kernel would raise) the decode steps
-    run no cuDNN attention kernel (whose batch-32 steps were not repeatable on an H100), the expert kernels skip the
-    autotuner, and two decoders repeat their logits exactly."""
+    and the prompt run no cuDNN attention kernel (whose batch-32 steps were not repeatable on an H100), the expert
+    kernels skip the autotuner, and two decoders repeat their logits exactly."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
@@ -128,21 +128,21 @@ def test_deterministic_mode_leaves_cudnn_attention_out():
     m = FlexOlmoForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(2, 512, (32, 128), device="cuda")
 
-    def cudnn_step_kernels(dec):  # cuDNN attention kernels of 4 decode steps (the prompt's taken out)
+    def cudnn_kernels(dec):  # cuDNN attention kernels of the prompt, and of 4 decode steps
         counts = []
         for n in (1, 5):
             with profile(activities=[ProfilerActivity.CUDA]) as p:
                 dec.generate(ids, max_new_tokens=n)
                 torch.cuda.synchronize()
             counts.append(sum("cudnn" in e.name and "sdpa" in e.name for e in p.events()))
-        return counts[1] - counts[0]
+        return counts[0], counts[1] - counts[0]
 
-    if cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0:
+    if cudnn_kernels(FastDecoder(m, cuda_graphs=False))[1] == 0:
         pytest.skip("this torch does not dispatch these decode steps to cuDNN attention")
     M._gate_up_kernel.cache.clear()
     M._down_kernel.cache.clear()
     with deterministic():
-        assert cudnn_step_kernels(FastDecoder(m, cuda_graphs=False)) == 0
+        assert cudnn_kernels(FastDecoder(m, cuda_graphs=False)) == (0, 0)
         dec = FastDecoder(m)
         assert dec.fused
         a = dec.generate(ids, max_new_tokens=16, output_logits=True)

@@ -117,6 +117,8 @@ def atomic_dir(out: str | Path, overwrite: bool = False, *, seal: str | None = N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        manifest.forget(tmp)
 
 
 def _umask() -> int:

@@ -123,7 +123,7 @@ class TailHasher:
         if self._error is not None:
             raise self._error
         entry = FileEntry(size=self._done, sha256=self._h.hexdigest())
-        _known[_identity(self.path)] = entry
+        _known[_identity(self.path)] = (self.path, entry)
         return entry
 
     def abandon(self) -> None:
@@ -200,8 +200,9 @@ def copy_checked(src: Path, dst: Path, want: FileEntry, remake: str) -> None:
         raise _damaged(src.parent, src.name, f"sha256 {want.sha256[:12]}…", f"sha256 {h.hexdigest()[:12]}…", remake)
 
 
-# Hashes computed while writing (TailHasher), by file identity: `seal` then reads none of those bytes again.
-_known: dict[tuple, FileEntry] = {}
+# Hashes computed while writing (TailHasher), by file identity, with the path written: `seal` then reads none of
+# those bytes again; `forget` drops what no seal took (an output that failed, or one written without a manifest).
+_known: dict[tuple, tuple[Path, FileEntry]] = {}
 
 
 def _identity(path: Path) -> tuple:
@@ -214,13 +215,21 @@ def hash_file(path: Path, *, written: bool = False) -> FileEntry:
     the file is still the one it wrote (sealing only: a check always reads the bytes)."""
     known = _known.pop(_identity(path), None) if written else None
     if known is not None:
-        return known
+        return known[1]
     h, buf = hashlib.sha256(), memoryview(bytearray(_READ_CHUNK))
     size = 0
     with open(path, "rb", buffering=0) as f:
         while n := _hash_range(f, h, len(buf), buf):
             size += n
     return FileEntry(size=size, sha256=h.hexdigest())
+
+
+def forget(folder: Path) -> None:
+    """Drop the write-time hashes of files below `folder` (`atomic_dir`, once its output is done or abandoned)."""
+    folder = Path(folder).absolute()
+    for key, (path, _) in list(_known.items()):
+        if folder in path.absolute().parents:
+            _known.pop(key, None)
 
 
 def build(folder: Path, exclude: str) -> dict[str, dict]:

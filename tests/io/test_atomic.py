@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,6 +27,35 @@ def test_error_leaves_nothing(tmp_path):
             (tmp / "f").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ending", ["error", "no-seal", "seal"])
+def test_write_time_hashes_do_not_outlive_the_output(tmp_path, ending):
+    """The shard hashes a writer keeps for `seal` are dropped with the temp dir, whichever way it ends: a stale one
+    could otherwise stand for a later file that reuses the inode (same size and mtime)."""
+    import json
+
+    import torch
+
+    from flexmoe.io import manifest
+    from flexmoe.io.safetensors_format import TensorSpec
+    from flexmoe.io.writer import ShardWriter
+
+    tensors = {f"t{i}": torch.randn(1000) for i in range(4)}
+    under = lambda folder: [p for p, _ in manifest._known.values() if folder in p.parents]  # noqa: E731
+    with pytest.raises(RuntimeError) if ending == "error" else contextlib.nullcontext():
+        with atomic_dir(tmp_path / "out", seal="meta.json" if ending == "seal" else None) as tmp:
+            (tmp / "meta.json").write_text(json.dumps({"format": "test"}))
+            with ShardWriter(tmp, [TensorSpec.of(k, v) for k, v in tensors.items()], max_shard_bytes=8_000) as w:
+                for k, v in tensors.items():
+                    w.write(k, v)
+                w.finalize()
+            assert len(under(tmp)) == 2  # hashed while written
+            if ending == "error":
+                raise RuntimeError("after the shards")
+    assert under(tmp) == []
+    if ending == "seal":
+        assert len(json.loads((tmp_path / "out" / "meta.json").read_text())[manifest.MANIFEST_KEY]) == 3
 
 
 def test_existing_refused_unless_overwrite(tmp_path):

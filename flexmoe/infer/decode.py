@@ -33,6 +33,7 @@ GRAPH_PREFILL_TOKENS = 2048  # prefills of at most this many (padded) tokens rep
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every row has finished"
 MAX_EOS = 8  # EOS ids per generation (a fixed-size buffer: the captured graph reads it in place)
 CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values torch accepts in deterministic mode
 
 
 class FlexStaticCache(StaticCache):
@@ -372,9 +373,13 @@ def deterministic(enabled: bool = True):
     if not enabled:
         yield
         return
+    # in this mode torch refuses cuBLAS calls unless this variable asks cuBLAS for a fixed workspace
+    given = os.environ.get(CUBLAS_WORKSPACE)
+    if given is not None and given not in CUBLAS_DETERMINISTIC:
+        raise ConfigError(f"deterministic decoding needs {CUBLAS_WORKSPACE} {' or '.join(CUBLAS_DETERMINISTIC)}, "
+                          f"this environment sets {given!r}: unset it or set one of those")
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    # in this mode torch refuses cuBLAS calls unless cuBLAS has a fixed workspace, which this variable requests
-    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8") if CUBLAS_WORKSPACE not in os.environ else None
+    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, CUBLAS_DETERMINISTIC[0]) if given is None else None
     torch.use_deterministic_algorithms(True)
     try:
         yield

@@ -236,6 +236,19 @@ def test_deterministic_block_sets_and_restores_the_switch(monkeypatch):
         torch.use_deterministic_algorithms(False)
 
 
+def test_deterministic_block_refuses_a_cublas_setting_torch_would_reject(monkeypatch):
+    from flexmoe.errors import ConfigError
+    from flexmoe.infer import deterministic
+    from flexmoe.infer.decode import CUBLAS_WORKSPACE
+
+    monkeypatch.setenv(CUBLAS_WORKSPACE, ":0:0")
+    with pytest.raises(ConfigError, match=r"needs CUBLAS_WORKSPACE_CONFIG :4096:8 or :16:8, this environment sets "
+                                          r"':0:0': unset it"):
+        with deterministic():
+            pass
+    assert not torch.are_deterministic_algorithms_enabled() and os.environ[CUBLAS_WORKSPACE] == ":0:0"
+
+
 def test_deterministic_block_names_an_operation_without_a_deterministic_kernel():
     from flexmoe.errors import ConfigError
     from flexmoe.infer import deterministic

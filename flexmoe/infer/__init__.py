@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from flexmoe.infer.decode import FastDecoder, GenerateOutput, deterministic
+from flexmoe.infer.decode import FastDecoder, GenerateOutput
+from flexmoe.infer.determinism import deterministic
 from flexmoe.infer.experts import EXPERTS_IMPL, register
 
 __all__ = ["FastDecoder", "GenerateOutput", "deterministic", "enable_fast_path", "fast_generate", "EXPERTS_IMPL"]

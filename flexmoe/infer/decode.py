@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import os
 import time
 
 import torch
 from transformers import StaticCache
 
 from flexmoe.errors import ConfigError
+from flexmoe.infer.determinism import mode_attention
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CACHE_ROUND = 64  # cache lengths are rounded up to this, so nearby prompt lengths share a graph
@@ -32,8 +32,6 @@ GRAPH_PREFILL_TOKENS = 2048  # prefills of at most this many (padded) tokens rep
 # host's launches of the stock forward's ~700 kernels, not the GPU, set the pace (~25 ms at batch 1 for 16 layers)
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every row has finished"
 MAX_EOS = 8  # EOS ids per generation (a fixed-size buffer: the captured graph reads it in place)
-CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
-CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values torch accepts in deterministic mode
 
 
 class FlexStaticCache(StaticCache):
@@ -241,7 +239,7 @@ class FastDecoder:
 
     @contextlib.contextmanager
     def _decode_forwards(self):
-        with _mode_attention(), self._decode_layers():
+        with mode_attention(), self._decode_layers():
             yield
 
     @contextlib.contextmanager
@@ -340,7 +338,7 @@ class FastDecoder:
         sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        with _mode_attention():
+        with mode_attention():
             runner.run_prefill(ids, pad)
         sync()
         t1 = time.perf_counter()
@@ -361,50 +359,6 @@ class FastDecoder:
             new = _trim_finished(new, eos)
         lg = torch.stack(steps_logits, dim=1)[:B, : new.shape[1]] if output_logits else None
         return new, lg, t1 - t0, t2 - t1
-
-
-@contextlib.contextmanager
-def deterministic(enabled: bool = True):
-    """`torch.use_deterministic_algorithms(True)` inside the block, restored after: the same prompts then decode to
-    the same tokens in every run on the same hardware and software, batch 32 included (by default cuDNN's attention
-    does not repeat its sums there, and the expert kernels' autotuned tiles can differ between processes). Inside,
-    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; ~5% slower a step
-    (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
-    if not enabled:
-        yield
-        return
-    # in this mode torch refuses cuBLAS calls unless this variable asks cuBLAS for a fixed workspace
-    given = os.environ.get(CUBLAS_WORKSPACE)
-    if given is not None and given not in CUBLAS_DETERMINISTIC:
-        raise ConfigError(f"deterministic decoding needs {CUBLAS_WORKSPACE} {' or '.join(CUBLAS_DETERMINISTIC)}, "
-                          f"this environment sets {given!r}: unset it or set one of those")
-    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, CUBLAS_DETERMINISTIC[0]) if given is None else None
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    except RuntimeError as e:
-        if "deterministic" not in str(e):
-            raise
-        what = str(e).splitlines()[0].split(", but you set")[0]  # "put_ does not have a deterministic implementation"
-        raise ConfigError(f"{what}: run without deterministic decoding (--deterministic)") from e
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-        if cublas is not None:
-            del os.environ[CUBLAS_WORKSPACE]
-
-
-def _mode_attention():
-    """Under `torch.use_deterministic_algorithms(True)`, which torch does not apply to it, SDPA without its cuDNN
-    backend: cuDNN's kernels gave different logits on identical batch-32 decode steps (H100, torch 2.11, the 1B
-    shape with a 128-token prompt), the memory-efficient ones (chosen instead; flash takes no additive mask) the
-    same logits every time, ~5% slower a step (benchmarks/NOTES.md §6). Prefills too: their cuDNN logits repeated
-    in that probe, but nothing promises it at other shapes. Otherwise SDPA's default dispatch."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _capture_graph(fn, *, warmup: int, pool=None) -> torch.cuda.CUDAGraph:

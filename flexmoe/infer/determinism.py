@@ -1,0 +1,64 @@
+"""Repeatable decoding: `deterministic()` runs a block under `torch.use_deterministic_algorithms(True)`, and
+`mode_attention()` is the attention dispatch the decoder takes in that mode.
+
+By default flexmoe decodes with the fastest kernels, and two of them do not repeat their results: SDPA's cuDNN
+attention (different logits on identical batch-32 decode steps, H100) and the expert kernels' autotuned tiles
+(picked afresh in every process; another tile size sums in another order). In deterministic mode the decoder leaves
+cuDNN out (`mode_attention`) and the expert kernels take fixed tiles (`flexmoe.infer.triton_moe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from flexmoe.errors import ConfigError
+
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values torch accepts in deterministic mode
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """`torch.use_deterministic_algorithms(True)` inside the block, restored after: the same prompts then decode to
+    the same tokens in every run on the same hardware and software, batch 32 included (by default cuDNN's attention
+    does not repeat its sums there, and the expert kernels' autotuned tiles can differ between processes). Inside,
+    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; ~5% slower a step
+    (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
+    if not enabled:
+        yield
+        return
+    # in this mode torch refuses cuBLAS calls unless this variable asks cuBLAS for a fixed workspace
+    given = os.environ.get(CUBLAS_WORKSPACE)
+    if given is not None and given not in CUBLAS_DETERMINISTIC:
+        raise ConfigError(f"deterministic decoding needs {CUBLAS_WORKSPACE} {' or '.join(CUBLAS_DETERMINISTIC)}, "
+                          f"this environment sets {given!r}: unset it or set one of those")
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, CUBLAS_DETERMINISTIC[0]) if given is None else None
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        what = str(e).splitlines()[0].split(", but you set")[0]  # "put_ does not have a deterministic implementation"
+        raise ConfigError(f"{what}: run without deterministic decoding (--deterministic)") from e
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        if cublas is not None:
+            del os.environ[CUBLAS_WORKSPACE]
+
+
+def mode_attention():
+    """Under `torch.use_deterministic_algorithms(True)`, which torch does not apply to it, SDPA without its cuDNN
+    backend: cuDNN's kernels gave different logits on identical batch-32 decode steps (H100, torch 2.11, the 1B
+    shape with a 128-token prompt), the memory-efficient ones (chosen instead; flash takes no additive mask) the
+    same logits every time, ~5% slower a step (benchmarks/NOTES.md §6). Prefills too: their cuDNN logits repeated
+    in that probe, but nothing promises it at other shapes. Otherwise SDPA's default dispatch."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

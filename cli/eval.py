@@ -21,7 +21,7 @@ from flexmoe.config import EVAL_TASKS, ExpertsKernel
 @o.json_out
 @click.option("--plots", type=o.PATH, metavar="DIR", help="Write bpb.png and routing_<domain>.png into DIR.")
 @click.option("--no-bias", is_flag=True, help="Load a merged checkpoint with stock transformers (no expert bias).")
-@click.option("--top-k", metavar="K|all", help="Route each token to K experts (MoE models only).")
+@o.top_k
 @click.option("--max-bytes", metavar="N", help="Score at most N bytes of text per domain (e.g. 2MB). Default: all.")
 @click.option("--seq-len", type=int,
               help="Predictions per window. Default: the model's context (at most 2048). With --tasks also the "
@@ -66,11 +66,10 @@ def eval_cmd(model, data, tasks, limit, as_json, json_out, plots, no_bias, top_k
     from flexmoe import api
     from flexmoe.config import EvalConfig, parse_domain_paths
 
-    k = None if top_k is None else 0 if top_k.lower() == "all" else _int(top_k, "--top-k")
     names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     cfg = EvalConfig(model=model, data=parse_domain_paths(data), tasks=names, limit=limit, seq_len=seq_len,
                      batch_size=batch_size, max_bytes=max_bytes, device=device, bf16=bf16,
-                     bias=not no_bias, top_k=k, experts_implementation=experts_impl,
+                     bias=not no_bias, top_k=top_k, experts_implementation=experts_impl,
                      ensemble=list(ensemble), ensemble_top_k=ensemble_top_k, ensemble_prefix=ensemble_prefix)
     result = api.evaluate(cfg, json_out, plots=plots, overwrite=overwrite, progress=not quiet)
     if as_json:
@@ -101,12 +100,3 @@ def _acc(metrics: dict, name: str) -> str:
         return "-"
     err = metrics.get(f"{name}_stderr")
     return f"{metrics[name]:.4f}" + ("" if err is None else f" ±{err:.3f}")
-
-
-def _int(text: str, flag: str) -> int:
-    from flexmoe.errors import ConfigError
-
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"bad {flag} {text!r}: use a number or 'all'") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from flexmoe.config import Device, DType
+from flexmoe.errors import ConfigError
 
 PATH = click.Path(path_type=Path)  # existence is checked by the library, which names what is wrong
 
@@ -22,6 +23,23 @@ no_bias = click.option("--no-bias", is_flag=True,
                        help="Load a merged checkpoint as stock transformers does (no expert bias).")
 no_fast = click.option("--no-fast", is_flag=True,
                        help="Stock transformers generate instead of flexmoe's fast path (CUDA graphs on GPU).")
+
+
+def _top_k(_ctx, _param, value: str | None) -> int | None:
+    """'K' -> K, 'all' -> 0 (every expert), None -> None (the checkpoint's k)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "all":
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"bad --top-k {value!r}: use a number or 'all'") from None
+
+
+top_k = click.option("--top-k", metavar="K|all", callback=_top_k,
+                     help="Route each token to K experts (MoE models only; all: every expert) [default: the "
+                          "checkpoint's k].")
 deterministic = click.option("--deterministic", is_flag=True,
                              help="Same tokens in every run (torch's deterministic algorithms: no cuDNN attention, "
                                   "fixed expert-kernel tiles); about 5% slower on GPU. CPU runs repeat anyway.")

@@ -81,7 +81,8 @@ class GenerateConfig(Config):
     `fast=False` runs stock `model.generate` with the checkpoint's experts kernel (for comparison); `bias=False`
     loads a merged checkpoint as stock transformers does (no expert bias). `dtype` None is bfloat16 on CUDA and
     float32 on CPU. `deterministic` runs under `torch.use_deterministic_algorithms(True)`
-    (`flexmoe.infer.deterministic`): the same tokens in every run, ~5% slower on GPU.
+    (`flexmoe.infer.deterministic`): the same tokens in every run, ~5% slower on GPU. `top_k` routes each token to
+    that many experts (0: all of them; None: the checkpoint's k; MoE models only).
     """
 
     model: Path
@@ -92,11 +93,14 @@ class GenerateConfig(Config):
     fast: bool = True
     bias: bool = True
     deterministic: bool = False
+    top_k: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.prompts:
             raise ConfigError("no prompt: give at least one --prompt TEXT")
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: every expert), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 

@@ -19,6 +19,7 @@ from flexmoe.io import hf_config
 from flexmoe.eval import bpb as B
 from flexmoe.eval import routing as R
 from flexmoe.eval.ensemble import load_ensemble
+from flexmoe.router.biased import routers, set_top_k
 
 
 def read_domains(data: dict[str, str], max_bytes: int | None) -> dict[str, list[str]]:
@@ -90,14 +91,14 @@ def window_length(cfg, scorer) -> int:
 def top_k_override(cfg, scorer):
     """`cfg.top_k` set on every router of the MoE members for the duration (undone afterwards); yields those
     members."""
-    moe = [m for m in _members(scorer) if R.routers(m)]
-    saved_k = [(r, r.top_k) for m in moe for _, r in R.routers(m)]
+    moe = [m for m in _members(scorer) if routers(m)]
+    saved_k = [(r, r.top_k) for m in moe for _, r in routers(m)]
     try:
         if cfg.top_k is not None:
             if not moe:
                 raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
             for m in moe:
-                R.set_top_k(m, cfg.top_k)
+                set_top_k(m, cfg.top_k)
         yield moe
     finally:
         for r, k in saved_k:
@@ -109,7 +110,7 @@ def score_domains(cfg, scorer, tokenizer, docs: dict[str, list[str]], seq_len: i
     with top_k_override(cfg, scorer) as moe:
         recorder = None
         if cfg.routing and isinstance(scorer, B.CausalLMScorer) and moe:  # not for ensembles: several routers
-            num = R.routers(scorer.model)[0][1].num_experts
+            num = routers(scorer.model)[0][1].num_experts
             recorder = R.RoutingRecorder(scorer.model, R.expert_names(cfg.model, num))
         results = []
         with recorder if recorder is not None else contextlib.nullcontext():

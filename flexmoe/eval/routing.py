@@ -12,16 +12,13 @@ count only the tokens that are not padding. Per layer and expert:
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from flexmoe.errors import ConfigError
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
+from flexmoe.router.biased import routers
 
 @dataclass
 class DomainRouting:
@@ -38,39 +35,6 @@ class RoutingStats:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, router module) of every top-k router in `model`, in layer order; [] for a dense model."""
-    from flexmoe.router.biased import STOCK_ROUTERS
-
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, STOCK_ROUTERS):
-            m = _LAYER.search(name)
-            found.append((int(m.group(1)) if m else len(found), module))
-    return sorted(found, key=lambda x: x[0])
-
-
-def set_top_k(model: torch.nn.Module, k: int) -> int:
-    """Route every token to `k` experts (0 = all); returns the k in effect. The model is changed in place."""
-    from flexmoe.router.biased import RENORMALISING_ROUTERS
-
-    rs = routers(model)
-    if not rs:
-        raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
-    num = rs[0][1].num_experts
-    k = num if k == 0 else k
-    if not 1 <= k <= num:
-        raise ConfigError(f"top-k {k} is out of range: the model has {num} experts (use 1..{num}, or 0 / 'all')")
-    if k < num and isinstance(rs[0][1], RENORMALISING_ROUTERS):
-        raise ConfigError(f"top-k {k} < {num} experts on a {type(model).__name__}: its router renormalises the "
-                          f"top-k weights, which is not FlexOlmo's routing; use top-k {num} (or 0 / 'all')")
-    for _, r in rs:
-        r.top_k = k
-    if hasattr(model, "config"):
-        model.config.num_experts_per_tok = k
-    return k
 
 
 def expert_names(model_dir: str | Path | None, num_experts: int) -> list[str]:

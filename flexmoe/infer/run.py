@@ -8,6 +8,7 @@ import time
 import torch
 
 from flexmoe.config import DType, GenerateConfig
+from flexmoe.errors import ConfigError
 from flexmoe.infer import FastDecoder, deterministic, enable_fast_path
 
 
@@ -24,6 +25,7 @@ class GenerateResult:
     device: str
     fast: bool
     deterministic: bool = False
+    top_k: int | None = None  # experts a token was routed to (None: a dense model)
 
     @property
     def tok_s(self) -> float:
@@ -42,17 +44,22 @@ def _run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.checkpoint.load import load_model
     from flexmoe.data import load_tokenizer
     from flexmoe.io import hf_config
+    from flexmoe.router.biased import set_top_k
 
     device = cfg.device.torch()
     dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
     kind = hf_config.model_type(cfg.model)  # a clear error for a missing directory before anything loads
+    if cfg.top_k is not None and not hf_config.is_moe(kind):
+        raise ConfigError(f"--top-k needs a mixture-of-experts model; {cfg.model} is a dense {kind!r} model")
     tokenizer = load_tokenizer(cfg.model)
     if hf_config.is_moe(kind):
         model = load_model(cfg.model, dtype=dtype, device=device, apply_bias=cfg.bias)
+        top_k = model.config.num_experts_per_tok if cfg.top_k is None else set_top_k(model, cfg.top_k)
     else:  # a dense anchor: the static-cache decoder works for it too (it has no experts to swap)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        top_k = None
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = tokenizer(list(cfg.prompts), return_tensors="pt", padding=True)
@@ -78,4 +85,4 @@ def _run_generate(cfg: GenerateConfig) -> GenerateResult:
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(new, counts)], skip_special_tokens=True)
     return GenerateResult(model=str(cfg.model), prompts=list(cfg.prompts), texts=texts, new_tokens=counts,
                           prefill_s=prefill_s, decode_s=decode_s, device=str(device), fast=cfg.fast,
-                          deterministic=cfg.deterministic)
+                          deterministic=cfg.deterministic, top_k=top_k)

@@ -8,12 +8,16 @@ router reads the un-normalised residual stream. So merged checkpoints keep the b
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+from flexmoe.errors import ConfigError
 
 
 class _Biased:
@@ -88,3 +92,34 @@ RENORMALISING_ROUTERS = (MixtralTopKRouter,)
 # The biased router of each anchor family's MoE model_type (flexmoe.io.families).
 BIASED_ROUTERS = {"flex_olmo": BiasedTopKRouter, "qwen3_moe": BiasedQwen3MoeTopKRouter,
                   "mixtral": BiasedMixtralTopKRouter}
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router module) of every top-k router in `model`, in layer order; [] for a dense model."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, STOCK_ROUTERS):
+            m = _LAYER.search(name)
+            found.append((int(m.group(1)) if m else len(found), module))
+    return sorted(found, key=lambda x: x[0])
+
+
+def set_top_k(model: torch.nn.Module, k: int) -> int:
+    """Route every token to `k` experts (0 = all); returns the k in effect. The model is changed in place."""
+    rs = routers(model)
+    if not rs:
+        raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
+    num = rs[0][1].num_experts
+    k = num if k == 0 else k
+    if not 1 <= k <= num:
+        raise ConfigError(f"top-k {k} is out of range: the model has {num} experts (use 1..{num}, or 0 / 'all')")
+    if k < num and isinstance(rs[0][1], RENORMALISING_ROUTERS):
+        raise ConfigError(f"top-k {k} < {num} experts on a {type(model).__name__}: its router renormalises the "
+                          f"top-k weights, which is not FlexOlmo's routing; use top-k {num} (or 0 / 'all')")
+    for _, r in rs:
+        r.top_k = k
+    if hasattr(model, "config"):
+        model.config.num_experts_per_tok = k
+    return k

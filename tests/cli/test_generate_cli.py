@@ -37,3 +37,46 @@ def test_plain_output_and_errors(eval_models, tmp_path):
     res = CliRunner().invoke(main, ["generate", str(eval_models.flex["flex3"]), "--prompt", "x",
                                     "--max-new-tokens", "0"])
     assert res.exit_code == 1 and "max_new_tokens" in res.output
+
+
+def test_top_k_routes_every_token_to_k_experts(eval_models):
+    """--top-k K: the fast path and stock generate both decode with K experts a token, as a model whose routers
+    were set to K by hand does; `all` is every expert."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from flexmoe import api
+    from flexmoe.router.biased import routers
+
+    model = eval_models.flex["flex3"]
+    prompts = ["--prompt", "the lord god said", "--max-new-tokens", 12, "--json"]
+    one = json.loads(_run(model, *prompts, "--top-k", 1))
+    assert one["top_k"] == 1 and one["texts"] == json.loads(_run(model, *prompts, "--top-k", 1, "--no-fast"))["texts"]
+    ref = api.load_model(model)
+    for _, r in routers(ref):
+        r.top_k = 1
+    tok = AutoTokenizer.from_pretrained(model)
+    ids = tok(["the lord god said"], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        new = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    eos = ref.generation_config.eos_token_id
+    ended = [i for i, t in enumerate(new.tolist()) if t == eos]
+    assert one["texts"][0] == tok.decode(new[: ended[0] + 1 if ended else None], skip_special_tokens=True)
+    assert json.loads(_run(model, *prompts))["top_k"] == 2  # the checkpoint's k
+    assert "top-3)" in _run(model, "--prompt", "x", "--max-new-tokens", 2, "--top-k", "all")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top-k", "two"], "bad --top-k 'two': use a number or 'all'"),
+    (["--top-k", "-1"], "top_k must be >= 0"),
+    (["--top-k", "4"], "top-k 4 is out of range: the model has 3 experts"),
+])
+def test_bad_top_k_is_one_line(eval_models, args, message):
+    res = CliRunner().invoke(main, ["generate", str(eval_models.flex["flex3"]), "--prompt", "x", *args])
+    last = res.output.strip().splitlines()[-1]  # after transformers' loading bar, where the model was loaded
+    assert res.exit_code == 1 and last.startswith("Error: ") and message in last, res.output
+
+
+def test_top_k_of_a_dense_model_is_refused(eval_models):
+    res = CliRunner().invoke(main, ["generate", str(eval_models.dense), "--prompt", "x", "--top-k", "1"])
+    assert res.exit_code == 1 and "--top-k needs a mixture-of-experts model" in res.output

@@ -11,7 +11,7 @@ from flexmoe.config import EvalConfig
 from flexmoe.errors import ConfigError
 from flexmoe.eval.bpb import load_causal_lm, read_documents
 from flexmoe.data import load_tokenizer
-from flexmoe.eval.routing import routers, set_top_k
+from flexmoe.router.biased import routers, set_top_k
 
 
 def _cfg(model, data, **kw):

@@ -42,7 +42,7 @@ top_k = click.option("--top-k", metavar="K|all", callback=_top_k,
                           "checkpoint's k].")
 deterministic = click.option("--deterministic", is_flag=True,
                              help="Same tokens in every run (torch's deterministic algorithms: no cuDNN attention, "
-                                  "fixed expert-kernel tiles); about 5% slower on GPU. CPU runs repeat anyway.")
+                                  "fixed expert-kernel tiles); up to ~5% slower on GPU. CPU runs repeat anyway.")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically).")
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 resume = click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")

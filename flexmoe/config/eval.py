@@ -81,7 +81,7 @@ class GenerateConfig(Config):
     `fast=False` runs stock `model.generate` with the checkpoint's experts kernel (for comparison); `bias=False`
     loads a merged checkpoint as stock transformers does (no expert bias). `dtype` None is bfloat16 on CUDA and
     float32 on CPU. `deterministic` runs under `torch.use_deterministic_algorithms(True)`
-    (`flexmoe.infer.deterministic`): the same tokens in every run, ~5% slower on GPU. `top_k` routes each token to
+    (`flexmoe.infer.deterministic`): the same tokens in every run, up to ~5% slower on GPU. `top_k` routes each token to
     that many experts (0: all of them; None: the checkpoint's k; MoE models only).
     """
 
@@ -136,7 +136,7 @@ class ExtractionConfig(Config):
         bias: False loads a merged checkpoint as stock transformers does (no expert bias).
         fast: flexmoe's fast decoder for a merged (MoE) model on CUDA (else, and always for dense models: `generate`).
         deterministic: decode under `torch.use_deterministic_algorithms(True)` (`flexmoe.infer.deterministic`), so
-            that a rerun of the audit reproduces every continuation; ~5% slower on GPU.
+            that a rerun of the audit reproduces every continuation; up to ~5% slower on GPU.
     """
 
     model: Path

@@ -13,6 +13,7 @@ import contextlib
 import os
 
 import torch
+import torch.utils.deterministic
 
 from flexmoe.errors import ConfigError
 
@@ -25,7 +26,7 @@ def deterministic(enabled: bool = True):
     """`torch.use_deterministic_algorithms(True)` inside the block, restored after: the same prompts then decode to
     the same tokens in every run on the same hardware and software, batch 32 included (by default cuDNN's attention
     does not repeat its sums there, and the expert kernels' autotuned tiles can differ between processes). Inside,
-    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; ~5% slower a step
+    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; up to ~5% slower a step
     (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
     if not enabled:
         yield
@@ -36,8 +37,14 @@ def deterministic(enabled: bool = True):
         raise ConfigError(f"deterministic decoding needs {CUBLAS_WORKSPACE} {' or '.join(CUBLAS_DETERMINISTIC)}, "
                           f"this environment sets {given!r}: unset it or set one of those")
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
     cublas = os.environ.setdefault(CUBLAS_WORKSPACE, CUBLAS_DETERMINISTIC[0]) if given is None else None
     torch.use_deterministic_algorithms(True)
+    # By default that mode also fills every new tensor with NaN, a kernel per allocation (several a layer in a
+    # decode step, captured into its graph): torch's safety net for operations that read memory nobody wrote.
+    # The decoder writes every buffer it reads (the cache and its buffers start as zeros, each kernel writes its
+    # whole output), which torch documents as the case where the fill can be turned off and results still repeat.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     except RuntimeError as e:
@@ -47,6 +54,7 @@ def deterministic(enabled: bool = True):
         raise ConfigError(f"{what}: run without deterministic decoding (--deterministic)") from e
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
         if cublas is not None:
             del os.environ[CUBLAS_WORKSPACE]
 

@@ -20,7 +20,9 @@ def test_deterministic_block_sets_and_restores_the_switch(monkeypatch):
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ[CUBLAS_WORKSPACE] == ":4096:8"
+        assert not torch.utils.deterministic.fill_uninitialized_memory  # no NaN fill kernel per allocation
     assert not torch.are_deterministic_algorithms_enabled() and CUBLAS_WORKSPACE not in os.environ
+    assert torch.utils.deterministic.fill_uninitialized_memory
     with deterministic(False):
         assert not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setenv(CUBLAS_WORKSPACE, ":16:8")  # the user's own setting is kept

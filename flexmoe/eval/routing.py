@@ -20,6 +20,7 @@ import torch
 from flexmoe.errors import ConfigError
 from flexmoe.router.biased import routers
 
+
 @dataclass
 class DomainRouting:
     tokens: int

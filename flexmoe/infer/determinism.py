@@ -38,7 +38,8 @@ def deterministic(enabled: bool = True):
                           f"this environment sets {given!r}: unset it or set one of those")
     was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    cublas = os.environ.setdefault(CUBLAS_WORKSPACE, CUBLAS_DETERMINISTIC[0]) if given is None else None
+    if given is None:
+        os.environ[CUBLAS_WORKSPACE] = CUBLAS_DETERMINISTIC[0]
     torch.use_deterministic_algorithms(True)
     # By default that mode also fills every new tensor with NaN, a kernel per allocation (several a layer in a
     # decode step, captured into its graph): torch's safety net for operations that read memory nobody wrote.
@@ -55,7 +56,7 @@ def deterministic(enabled: bool = True):
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.utils.deterministic.fill_uninitialized_memory = was_fill
-        if cublas is not None:
+        if given is None:
             del os.environ[CUBLAS_WORKSPACE]
 
 

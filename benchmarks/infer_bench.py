@@ -13,6 +13,8 @@ Rows (per E, k):
 - `flexmoe`: flexmoe's registered experts kernel (Triton for decode batches, grouped GEMM for prefill) and
   `FastDecoder` (static cache, decode step captured in a CUDA graph per batch bucket).
 - `flexmoe_grouped`: the same decoder with the CUTLASS grouped GEMM for decode too (kernel A/B).
+- `flexmoe_sdpa`: `flexmoe` with SDPA (cuDNN's kernel on Hopper) for the decode steps' attention instead of the
+  split-KV kernels (flexmoe.infer.triton_attention; attention A/B).
 - `flexmoe_determ`: `flexmoe` under `flexmoe.infer.deterministic()` (what `generate --deterministic` runs: no cuDNN
   attention, fixed expert-kernel tiles), first combination only. Every flexmoe row records `same_tokens_b*`, the
   share of tokens its three timed calls agree on.
@@ -20,7 +22,7 @@ Rows (per E, k):
 Columns: prefill tok/s (B32 x 512, no cache, last-token logits); decode tok/s at batch 1 and 32 (prompt 128, greedy;
 `gen` = new tokens / whole generate call as the stock script times it, 64 new tokens for flexmoe and 32 for the
 much slower stock rows; `step` = tokens / decode loop only); `%bw` = that rate over the memory-bandwidth bound;
-peak GiB allocated. `flexmoe` decodes through the fused decode layer (flexmoe.infer.decode_layer, nine kernels a
+peak GiB allocated. `flexmoe` decodes through the fused decode layer (flexmoe.infer.decode_layer, ten kernels a
 layer) and replays small prefills from a CUDA graph; `flexmoe_unfused` is the same decoder through the stock layers
 (the path before the fused layer). The compile row is capped at 90 s of compiling.
 
@@ -49,6 +51,7 @@ Writes $OUT/infer_bench.json (OUT defaults to runs/bench) and prints a table las
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -276,6 +279,20 @@ def run_stock(m, impl, xp, x, row, budget, errors):
         if DEV == "cuda":
             torch.cuda.empty_cache()
     row["peak_gib"] = peak_gib()
+
+
+@contextlib.contextmanager
+def attention(impl: str):
+    """The fused layer's decode attention for a row: SDPA (cuDNN's kernel on Hopper) for `flexmoe_sdpa`, else the
+    default split-KV kernels."""
+    from flexmoe.infer import decode_layer
+
+    was = decode_layer.DECODE_ATTENTION
+    decode_layer.DECODE_ATTENTION = "sdpa" if impl == "flexmoe_sdpa" else was
+    try:
+        yield
+    finally:
+        decode_layer.DECODE_ATTENTION = was
 
 
 def run_flexmoe(m, experts, compile_, xp, x, row, budget, errors, prefill=True, fused=None):
@@ -595,10 +612,10 @@ def main(argv: list[str] | None = None) -> int:
                 errors.add(f"active experts E{E}k{k} b{b}", e)
                 n_act[b] = E * (1 - (1 - k / E) ** b)
         variants = [] if args.no_stock else [("eager", "stock"), ("grouped_mm", "stock")]
-        variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_unfused", "flexmoe"),
-                     ("flexmoe_grouped", "flexmoe")]
+        variants += [("check", "check"), ("flexmoe", "flexmoe"), ("flexmoe_sdpa", "flexmoe"),
+                     ("flexmoe_unfused", "flexmoe"), ("flexmoe_grouped", "flexmoe")]
         if (E, k) == combos[0]:  # what `generate --deterministic` costs (no cuDNN attention, fixed expert tiles)
-            variants.insert(variants.index(("flexmoe", "flexmoe")) + 1, ("flexmoe_determ", "flexmoe"))
+            variants.insert(variants.index(("flexmoe_sdpa", "flexmoe")) + 1, ("flexmoe_determ", "flexmoe"))
         for impl, kind in variants:
             if kind == "check":  # after the stock rows: enabling the fast path swaps the model's norms
                 if (E, k) == combos[0]:
@@ -614,10 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "stock":
                     run_stock(m, impl, xp, x, row, budget, errors)
                 else:
-                    experts = "flexmoe" if impl in ("flexmoe_unfused", "flexmoe_determ") else impl
-                    with deterministic(impl == "flexmoe_determ"):
+                    experts = "flexmoe" if impl in ("flexmoe_unfused", "flexmoe_determ", "flexmoe_sdpa") else impl
+                    with deterministic(impl == "flexmoe_determ"), attention(impl):
                         run_flexmoe(m, experts, False, xp, x, row, budget, errors, prefill=impl == "flexmoe",
-                                    fused=None if impl in ("flexmoe", "flexmoe_determ") else False)
+                                    fused=None if impl in ("flexmoe", "flexmoe_determ", "flexmoe_sdpa") else False)
             except Exception as e:
                 row["prefill"] = errors.add(f"{impl} E{E}k{k}", e)
             finish(row, E, k, n_act, bw)

@@ -4,7 +4,7 @@
   host-sync-free sort + grouped GEMM (Triton for decode-sized batches, `torch._grouped_mm` for prefill).
 - `flexmoe.infer.decode`: greedy decoding over transformers' `StaticCache` with the decode step (and small
   prefills) captured in CUDA graphs per batch bucket.
-- `flexmoe.infer.decode_layer`: a FlexOlmo layer's decode step in nine kernels (Triton ones in
+- `flexmoe.infer.decode_layer`: a FlexOlmo layer's decode step in ten kernels (Triton ones in
   `flexmoe.infer.triton_decode`), which the decoder runs in place of the stock layer where the model qualifies.
 
 The checkpoint format is untouched; the expert bias comes from the model's routers (`BiasedTopKRouter` after

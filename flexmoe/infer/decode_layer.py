@@ -1,8 +1,8 @@
-"""A FlexOlmo decoder layer's decode step (one new token per row) in nine kernels instead of the stock ~43.
+"""A FlexOlmo decoder layer's decode step (one new token per row) in ten kernels instead of the stock ~43.
 
     q, k, v      one GEMM over the three projections (their weights become row slices of one tensor)
     q/k          q_norm, k_norm, RoPE and the K/V cache write              (flexmoe.infer.triton_decode)
-    attention    SDPA over the static cache with the decoder's (additive) mask
+    attention    split over the cache's slots, two launches (flexmoe.infer.triton_attention)
     o            the output projection
     h            residual + post_attention_layernorm, and the router's top-k (flexmoe.infer.triton_decode)
     experts      layout + gate/up + down of the chosen experts                (flexmoe.infer.triton_moe)
@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 DECODE_DTYPES = (torch.bfloat16, torch.float16)
+# "split_kv": flexmoe.infer.triton_attention (repeatable, reads only the slots written so far); "sdpa": torch's
+# SDPA over the whole static cache with the additive mask (cuDNN's kernel on Hopper). The benchmarks time both.
+DECODE_ATTENTION = "split_kv"
 
 
 def why_not_fused(model, *, any_device: bool = False) -> str | None:
@@ -85,6 +88,7 @@ class FusedDecodeLayer:
 
     def __call__(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids=None, cache=None, position_embeddings=None, past_key_values=None, **kwargs):
+        from flexmoe.infer.triton_attention import decode_attention
         from flexmoe.infer.triton_decode import post_attention_router, post_feedforward, qk_norm_rope_cache
         from flexmoe.infer.triton_moe import fused_expert_pairs
 
@@ -100,9 +104,13 @@ class FusedDecodeLayer:
                                self.num_heads, self.num_kv_heads)  # (B, HQ, 1, D)
         # the decoder hands fused steps an additive mask in the model's dtype, built once a step: a bool mask would
         # be converted to one inside SDPA in every layer (three kernels)
-        o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)  # (B, HQ, 1, D)
-        o = F.linear(o.view(B, self.num_heads * self.head_dim), attn.o_proj.weight)  # (B, H)
+        if DECODE_ATTENTION == "split_kv":
+            o = decode_attention(q, kv.keys, kv.values, attention_mask, kv.cumulative_length, attn.scaling)
+        else:
+            o = F.scaled_dot_product_attention(q, kv.keys, kv.values, attn_mask=attention_mask, scale=attn.scaling,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)  # (B, HQ, 1, D)
+            o = o.view(B, self.num_heads * self.head_dim)
+        o = F.linear(o, attn.o_proj.weight)  # (B, H)
         norm = layer.post_attention_layernorm
         h, top_k_index, top_k_weights = post_attention_router(
             o, x, norm.weight, norm.variance_epsilon, gate.weight, getattr(gate, "expert_bias", None), gate.top_k,

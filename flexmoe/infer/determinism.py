@@ -1,8 +1,9 @@
 """Repeatable decoding: `deterministic()` runs a block under `torch.use_deterministic_algorithms(True)`, and
 `mode_attention()` is the attention dispatch the decoder takes in that mode.
 
-By default flexmoe decodes with the fastest kernels, and two of them do not repeat their results: SDPA's cuDNN
-attention (different logits on identical batch-32 decode steps, H100) and the expert kernels' autotuned tiles
+By default flexmoe decodes with the fastest kernels, and two of them need not repeat their results: SDPA's cuDNN
+attention (different logits on identical batch-32 decode steps, H100), which prompts run (decode steps of the fused
+layer attend with flexmoe's split-KV kernels, repeatable by construction), and the expert kernels' autotuned tiles
 (picked afresh in every process; another tile size sums in another order). In deterministic mode the decoder leaves
 cuDNN out (`mode_attention`) and the expert kernels take fixed tiles (`flexmoe.infer.triton_moe`).
 """

@@ -48,7 +48,8 @@ def test_7b_code_path_on_cpu(monkeypatch, tmp_path, capsys):
     result = json.loads((tmp_path / "infer_bench.json").read_text())
     assert result["shape_name"] == "7b" and result["info"]["memory_plan"]["E7k7"]["fits"]
     rows = {r["impl"]: r for r in result["rows"]}
-    assert list(rows) == ["eager", "grouped_mm", "flexmoe", "flexmoe_determ", "flexmoe_unfused", "flexmoe_grouped"]
+    assert list(rows) == ["eager", "grouped_mm", "flexmoe", "flexmoe_sdpa", "flexmoe_determ", "flexmoe_unfused",
+                          "flexmoe_grouped"]
     assert rows["flexmoe_unfused"]["fused"] is False and "pct_bw_gen_b1" in rows["flexmoe"]
     assert rows["flexmoe_determ"]["same_tokens_b2"] == 1.0 and not torch.are_deterministic_algorithms_enabled()
     for r in rows.values():

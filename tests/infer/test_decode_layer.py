@@ -21,9 +21,10 @@ from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 from flexmoe.infer import FastDecoder, enable_fast_path
 from flexmoe.router.biased import BiasedTopKRouter
 
-def check(kv_heads, norm_topk, biased, rows=3, one_pass=True):
-    from flexmoe.infer import triton_decode
+def check(kv_heads, norm_topk, biased, rows=3, one_pass=True, attention="split_kv"):
+    from flexmoe.infer import decode_layer, triton_decode
     triton_decode.ONE_PASS = one_pass  # False: the chunked kernels of wider rows
+    decode_layer.DECODE_ATTENTION = attention
     torch.manual_seed(0)
     cfg = FlexOlmoConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=kv_heads, num_experts=5, num_experts_per_tok=2, norm_topk_prob=norm_topk,
@@ -62,9 +63,10 @@ def kernels():
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
 
-# GQA with a biased router (both router paths); full heads with renormalised top-k and the stock router; batch 1
+# GQA with a biased router (both router paths); full heads with renormalised top-k and the stock router; batch 1;
+# SDPA instead of the split-KV attention
 print("ok", check(2, False, True), check(2, False, True, one_pass=False), check(4, True, False),
-      check(2, False, True, rows=1), kernels())
+      check(2, False, True, rows=1), check(2, False, True, attention="sdpa"), kernels())
 """
 
 

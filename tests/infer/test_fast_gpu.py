@@ -111,21 +111,73 @@ def test_fused_decode_layer_close_to_the_stock_layers(rows):
     assert torch.equal(dec.generate(again, max_new_tokens=16, output_logits=True).logits, eager.logits)
 
 
-def test_deterministic_mode_leaves_cudnn_attention_out():
-    """Inside `deterministic()` (strict: an operation without a deterministic kernel would raise) the decode steps
-    and the prompt run no cuDNN attention kernel (whose batch-32 steps were not repeatable on an H100), the expert
-    kernels skip the autotuner, and two decoders repeat their logits exactly."""
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+@pytest.mark.parametrize("B,HQ,HKV,L,last", [(1, 16, 16, 192, 150), (32, 16, 16, 192, 150), (1, 32, 32, 2048, 2000),
+                                             (4, 8, 2, 320, 64)])
+def test_split_kv_attention_close_to_sdpa_and_repeatable(B, HQ, HKV, L, last):
+    """bf16 split-KV decode attention within 1e-2 of fp32 SDPA over the written slots (left padding in one row),
+    bit-identical when called again; the slots past `last` hold NaN and never reach the result."""
+    import torch.nn.functional as F
 
-    from flexmoe.infer import FastDecoder, deterministic
-    from flexmoe.infer import triton_moe as M
+    from flexmoe.infer.triton_attention import decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, 1, 128, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(B, HKV, L, 128, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    keys[:, :, last + 1:] = float("nan")
+    values[:, :, last + 1:] = float("nan")
+    slots = torch.arange(L, device="cuda")
+    pad = torch.zeros(B, dtype=torch.long, device="cuda")
+    pad[-1] = min(last, 37)
+    seen = (slots[None, :] >= pad[:, None]) & (slots[None, :] <= last)
+    mask = torch.zeros(B, 1, 1, L, device="cuda", dtype=torch.bfloat16).masked_fill_(
+        ~seen[:, None, None], torch.finfo(torch.bfloat16).min)
+    length = torch.tensor(last, device="cuda")
+    got = decode_attention(q, keys, values, mask, length, 128 ** -0.5)
+    n = last + 1
+    want = F.scaled_dot_product_attention(q.float(), keys[:, :, :n].float(), values[:, :, :n].float(),
+                                          attn_mask=mask[..., :n].float(), scale=128 ** -0.5,
+                                          enable_gqa=HQ != HKV).reshape(B, HQ * 128)
+    assert ((got.float() - want).norm() / want.norm()) < 1e-2
+    assert torch.equal(decode_attention(q, keys, values, mask, length, 128 ** -0.5), got)
+
+
+def _batch32_model():
+    from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
     torch.manual_seed(0)
     cfg = FlexOlmoConfig(vocab_size=512, hidden_size=512, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
                          pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)  # head dim 128, as at 1B
-    m = FlexOlmoForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    return FlexOlmoForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def test_default_decoder_repeats_batch_32():
+    """With the split-KV attention (the default) two decoders in one process give the same batch-32 logits, which
+    SDPA's cuDNN kernel did not (benchmarks/NOTES.md §6)."""
+    from flexmoe.infer import FastDecoder, decode_layer
+
+    assert decode_layer.DECODE_ATTENTION == "split_kv"
+    m = _batch32_model()
+    ids = torch.randint(2, 512, (32, 128), device="cuda")
+    a = FastDecoder(m).generate(ids, max_new_tokens=16, output_logits=True)
+    b = FastDecoder(m).generate(ids, max_new_tokens=16, output_logits=True)
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_deterministic_mode_leaves_cudnn_attention_out(monkeypatch):
+    """Inside `deterministic()` (strict: an operation without a deterministic kernel would raise) the decode steps
+    and the prompt run no cuDNN attention kernel (whose batch-32 steps were not repeatable on an H100), the expert
+    kernels skip the autotuner, and two decoders repeat their logits exactly. Decode steps through SDPA here (the
+    split-KV attention runs no SDPA at all)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flexmoe.infer import FastDecoder, decode_layer, deterministic
+    from flexmoe.infer import triton_moe as M
+
+    monkeypatch.setattr(decode_layer, "DECODE_ATTENTION", "sdpa")
+
+    m = _batch32_model()
     ids = torch.randint(2, 512, (32, 128), device="cuda")
 
     def cudnn_kernels(dec):  # cuDNN attention kernels of the prompt, and of 4 decode steps

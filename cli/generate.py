@@ -25,9 +25,10 @@ def generate_cmd(model, prompts, max_new_tokens, device, dtype, no_fast, no_bias
 
     The fast path swaps in flexmoe's experts kernel and decodes over a static KV cache, with each decode step
     (and a small prompt's prefill) captured in a CUDA graph on GPU; a FlexOlmo model in bf16 on CUDA decodes
-    through flexmoe's fused decode layer (nine kernels a layer). The checkpoint on disk is untouched and still
+    through flexmoe's fused decode layer (ten kernels a layer). The checkpoint on disk is untouched and still
     loads in stock transformers. A batch of many prompts may decode slightly differently from one run to the
-    next on GPU (cuDNN's attention does not repeat its sums); --deterministic makes every run give the same tokens.
+    next on GPU (the expert kernels' tiles are autotuned in each process, and the prompt's cuDNN attention need
+    not repeat its sums); --deterministic makes every run give the same tokens.
 
     \b
     Example:

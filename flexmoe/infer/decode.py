@@ -188,7 +188,7 @@ class FastDecoder:
         compile: also compile each decoder layer with torch.compile before capture (fuses the small element-wise
             kernels that dominate a batch-1 step); a string names the torch.compile backend (tests use "eager").
             Layers that take the fused decode step are not compiled.
-        fused: decode steps call `flexmoe.infer.decode_layer.FusedDecodeLayer` (nine kernels a layer) instead of
+        fused: decode steps call `flexmoe.infer.decode_layer.FusedDecodeLayer` (ten kernels a layer) instead of
             the stock layer. Default: where `why_not_fused` allows it (FlexOlmo, CUDA, bf16/fp16); True insists
             (an error says why it cannot); "interpret" also allows CPU and fp32 (Triton's interpreter, tests).
 

@@ -25,10 +25,10 @@ CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values torch accepts in deter
 @contextlib.contextmanager
 def deterministic(enabled: bool = True):
     """`torch.use_deterministic_algorithms(True)` inside the block, restored after: the same prompts then decode to
-    the same tokens in every run on the same hardware and software, batch 32 included (by default cuDNN's attention
-    does not repeat its sums there, and the expert kernels' autotuned tiles can differ between processes). Inside,
-    flexmoe's decode steps leave cuDNN attention out and its expert kernels take fixed tiles; up to ~5% slower a step
-    (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
+    the same tokens in every run on the same hardware and software, batch 32 included (by default a prompt's cuDNN
+    attention need not repeat its sums, and the expert kernels' autotuned tiles can differ between processes).
+    Inside, flexmoe's prompts (and decode steps that run SDPA) leave cuDNN attention out and its expert kernels take
+    fixed tiles; up to ~5% slower a call at batch 32, ~1% at batch 1 (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
     if not enabled:
         yield
         return

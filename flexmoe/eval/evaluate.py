@@ -19,7 +19,7 @@ from flexmoe.io import hf_config
 from flexmoe.eval import bpb as B
 from flexmoe.eval import routing as R
 from flexmoe.eval.ensemble import load_ensemble
-from flexmoe.router.biased import routers, set_top_k
+from flexmoe.router.biased import refuse_bad_top_k, routers, set_top_k
 
 
 def read_domains(data: dict[str, str], max_bytes: int | None) -> dict[str, list[str]]:
@@ -51,9 +51,9 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
                                           experts_implementation=_kernel(cfg))
         name = "ensemble(" + ", ".join(str(p) for p in paths) + ")"
     else:
-        # Clear errors before anything is loaded: a missing directory, --top-k on a dense model.
-        if not hf_config.is_moe(hf_config.model_type(cfg.model)) and cfg.top_k is not None:
-            raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
+        # Clear errors before anything is loaded: a missing directory, --top-k on a dense model or out of range.
+        hf_config.read_config(cfg.model)  # a missing directory or config.json
+        refuse_bad_top_k(cfg.model, cfg.top_k)
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         lm = B.load_causal_lm(cfg.model, bias=cfg.bias, device=device,
                               experts_implementation=_kernel(cfg))

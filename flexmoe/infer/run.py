@@ -8,7 +8,6 @@ import time
 import torch
 
 from flexmoe.config import DType, GenerateConfig
-from flexmoe.errors import ConfigError
 from flexmoe.infer import FastDecoder, deterministic, enable_fast_path
 
 
@@ -44,13 +43,12 @@ def _run_generate(cfg: GenerateConfig) -> GenerateResult:
     from flexmoe.checkpoint.load import load_model
     from flexmoe.data import load_tokenizer
     from flexmoe.io import hf_config
-    from flexmoe.router.biased import set_top_k
+    from flexmoe.router.biased import refuse_bad_top_k, set_top_k
 
     device = cfg.device.torch()
     dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
     kind = hf_config.model_type(cfg.model)  # a clear error for a missing directory before anything loads
-    if cfg.top_k is not None and not hf_config.is_moe(kind):
-        raise ConfigError(f"--top-k needs a mixture-of-experts model; {cfg.model} is a dense {kind!r} model")
+    refuse_bad_top_k(cfg.model, cfg.top_k)
     tokenizer = load_tokenizer(cfg.model)
     if hf_config.is_moe(kind):
         model = load_model(cfg.model, dtype=dtype, device=device, apply_bias=cfg.bias)

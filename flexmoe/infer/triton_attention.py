@@ -1,8 +1,8 @@
 """Decode attention over the static KV cache, split over the cache's slots (flash-decoding), in two launches.
 
-A decode step has one query per row and head, so SDPA's kernels run one program per (row, head) that walks the
-cache block after block: at batch 32 cuDNN's took ~25 us a layer for 25 MB of K/V (~1 TB/s, H100), at batch 1
-~7 us for 1.5 MB, and its sums are not repeatable at batch 32 (benchmarks/NOTES.md §6). Here the slots are split
+A decode step has one query per row and head, and SDPA's cuDNN kernel takes 24.6 us a layer at batch 32 for 42 MB
+of K/V (1.7 TB/s, H100, a 192-slot cache of 16 heads written to slot 160) and 7.0 us at batch 1, and its batch-32
+sums are not repeatable (benchmarks/NOTES.md §6). Here (20.2 and 5.1 us, the same cases) the slots are split
 into blocks of 32 or 64 and every (row, head, block) is a program: each loads its keys and values in one round
 trip to memory and writes a partial softmax (its maximum, sum and weighted values, fp32); a second kernel combines
 a (row, head)'s partials in a fixed order, so the result repeats bit for bit. Where programs are many (batch 32,

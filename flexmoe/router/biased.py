@@ -106,15 +106,37 @@ def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     return sorted(found, key=lambda x: x[0])
 
 
+def top_k_in_range(k: int, num_experts: int) -> int:
+    """The k in effect for a requested `k` (0 = all) of `num_experts`; a `ConfigError` where it is out of range.
+    Callers that know E from a config.json check before loading any weights."""
+    k = num_experts if k == 0 else k
+    if not 1 <= k <= num_experts:
+        raise ConfigError(f"top-k {k} is out of range: the model has {num_experts} experts (use 1..{num_experts}, "
+                          f"or 0 / 'all')")
+    return k
+
+
+def refuse_bad_top_k(model_dir, k: int | None) -> None:
+    """Before any weights of `model_dir` load (whose progress bar would precede the error): a `ConfigError` where
+    `k` (0 = all) cannot be set on it, a dense model or out of its experts' range; nothing for k None."""
+    from flexmoe.io import hf_config
+
+    if k is None:
+        return
+    config = hf_config.read_config(model_dir)
+    kind = config.get("model_type")
+    if not hf_config.is_moe(kind):
+        raise ConfigError(f"--top-k needs a mixture-of-experts model; {model_dir} is a dense {kind!r} model")
+    top_k_in_range(k, hf_config.family(config).num_experts(config))
+
+
 def set_top_k(model: torch.nn.Module, k: int) -> int:
     """Route every token to `k` experts (0 = all); returns the k in effect. The model is changed in place."""
     rs = routers(model)
     if not rs:
         raise ConfigError("--top-k needs a mixture-of-experts model; this one is dense")
     num = rs[0][1].num_experts
-    k = num if k == 0 else k
-    if not 1 <= k <= num:
-        raise ConfigError(f"top-k {k} is out of range: the model has {num} experts (use 1..{num}, or 0 / 'all')")
+    k = top_k_in_range(k, num)
     if k < num and isinstance(rs[0][1], RENORMALISING_ROUTERS):
         raise ConfigError(f"top-k {k} < {num} experts on a {type(model).__name__}: its router renormalises the "
                           f"top-k weights, which is not FlexOlmo's routing; use top-k {num} (or 0 / 'all')")

@@ -57,6 +57,7 @@ def test_eval_dense_anchor(eval_models, eval_data):
     ("missing-data", "does not exist"),
     ("dense-top-k", "dense"),
     ("bad-top-k", "bad --top-k"),
+    ("top-k-range", "top-k 4 is out of range: the model has 3 experts"),
     ("long-window", "exceeds the model's context of 256"),
 ])
 def test_bad_input_is_one_line(eval_models, eval_data, tmp_path, case, message):
@@ -76,6 +77,8 @@ def test_bad_input_is_one_line(eval_models, eval_data, tmp_path, case, message):
         extra = ["--top-k", "1"]
     elif case == "bad-top-k":
         extra = ["--top-k", "two"]
+    elif case == "top-k-range":
+        model, extra = eval_models.flex["flex3"], ["--top-k", "4"]
     elif case == "long-window":
         extra = ["--seq-len", "257"]
     res = _run(model, *[a for d in data for a in ("--data", d)], *extra)
@@ -84,6 +87,8 @@ def test_bad_input_is_one_line(eval_models, eval_data, tmp_path, case, message):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], res.output
     assert res.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in res.output
+    if case == "top-k-range":  # refused before the model loads: no loading bar before the error
+        assert res.stderr.strip().splitlines() == errors, res.stderr
 
 
 def test_existing_json_is_refused_without_overwrite(eval_models, eval_data, tmp_path):

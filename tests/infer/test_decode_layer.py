@@ -66,7 +66,7 @@ def kernels():
 # GQA with a biased router (both router paths); full heads with renormalised top-k and the stock router; batch 1;
 # SDPA instead of the split-KV attention
 print("ok", check(2, False, True), check(2, False, True, one_pass=False), check(4, True, False),
-      check(2, False, True, rows=1), check(2, False, True, attention="sdpa"), kernels())
+      check(2, False, True, rows=1), check(2, False, True, rows=1, attention="sdpa"), kernels())
 """
 
 

@@ -9,6 +9,7 @@ router reads the un-normalised residual stream. So merged checkpoints keep the b
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ def top_k_in_range(k: int, num_experts: int) -> int:
     return k
 
 
-def refuse_bad_top_k(model_dir, k: int | None) -> None:
+def refuse_bad_top_k(model_dir: str | Path, k: int | None) -> None:
     """Before any weights of `model_dir` load (whose progress bar would precede the error): a `ConfigError` where
     `k` (0 = all) cannot be set on it, a dense model or out of its experts' range; nothing for k None."""
     from flexmoe.io import hf_config

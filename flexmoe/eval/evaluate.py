@@ -52,8 +52,7 @@ def build_scorer(cfg, device: torch.device, *, model=None, tokenizer=None):
         name = "ensemble(" + ", ".join(str(p) for p in paths) + ")"
     else:
         # Clear errors before anything is loaded: a missing directory, --top-k on a dense model or out of range.
-        hf_config.read_config(cfg.model)  # a missing directory or config.json
-        refuse_bad_top_k(cfg.model, cfg.top_k)
+        refuse_bad_top_k(hf_config.read_config(cfg.model), cfg.top_k, cfg.model)
         tokenizer = tokenizer or load_tokenizer(cfg.model)
         lm = B.load_causal_lm(cfg.model, bias=cfg.bias, device=device,
                               experts_implementation=_kernel(cfg))

@@ -28,7 +28,8 @@ def deterministic(enabled: bool = True):
     the same tokens in every run on the same hardware and software, batch 32 included (by default a prompt's cuDNN
     attention need not repeat its sums, and the expert kernels' autotuned tiles can differ between processes).
     Inside, flexmoe's prompts (and decode steps that run SDPA) leave cuDNN attention out and its expert kernels take
-    fixed tiles; up to ~5% slower a call at batch 32, ~1% at batch 1 (H100, benchmarks/NOTES.md §6). An operation torch has no deterministic kernel for raises `ConfigError`."""
+    fixed tiles; up to ~5% slower a call at batch 32, ~1% at batch 1 (H100, benchmarks/NOTES.md §6). An operation
+    torch has no deterministic kernel for raises `ConfigError`."""
     if not enabled:
         yield
         return

@@ -47,8 +47,9 @@ def _run_generate(cfg: GenerateConfig) -> GenerateResult:
 
     device = cfg.device.torch()
     dtype = (cfg.dtype or (DType.BFLOAT16 if device.type == "cuda" else DType.FLOAT32)).torch
-    kind = hf_config.model_type(cfg.model)  # a clear error for a missing directory before anything loads
-    refuse_bad_top_k(cfg.model, cfg.top_k)
+    config = hf_config.read_config(cfg.model)  # a clear error for a missing directory before anything loads
+    kind = str(config.get("model_type"))
+    refuse_bad_top_k(config, cfg.top_k, cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     if hf_config.is_moe(kind):
         model = load_model(cfg.model, dtype=dtype, device=device, apply_bias=cfg.bias)

@@ -84,7 +84,7 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, stride_ob, HQ: tl.c
     ok = s < tl.load(len_ptr).to(tl.int32) // SPLIT_SLOTS + 1  # the partials written this step
     m = tl.where(ok, m, float("-inf"))
     top = tl.max(m, axis=0)
-    w = tl.where(ok, tl.exp(m - top), 0.0)
+    w = tl.exp(m - top)  # 0 for the dropped ones
     total = tl.sum(tl.where(ok, w * l, 0.0), axis=0)
     o = tl.sum(tl.where(ok[:, None], w[:, None] * acc, 0.0), axis=0) / total
     b = (row_head // HQ).to(tl.int64)

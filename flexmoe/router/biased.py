@@ -117,14 +117,14 @@ def top_k_in_range(k: int, num_experts: int) -> int:
     return k
 
 
-def refuse_bad_top_k(model_dir: str | Path, k: int | None) -> None:
-    """Before any weights of `model_dir` load (whose progress bar would precede the error): a `ConfigError` where
-    `k` (0 = all) cannot be set on it, a dense model or out of its experts' range; nothing for k None."""
+def refuse_bad_top_k(config: dict, k: int | None, model_dir: str | Path) -> None:
+    """Before any weights of `model_dir` load (whose progress bar would precede the error), from its config.json
+    `config`: a `ConfigError` where `k` (0 = all) cannot be set on it, a dense model or out of its experts' range;
+    nothing for k None."""
     from flexmoe.io import hf_config
 
     if k is None:
         return
-    config = hf_config.read_config(model_dir)
     kind = config.get("model_type")
     if not hf_config.is_moe(kind):
         raise ConfigError(f"--top-k needs a mixture-of-experts model; {model_dir} is a dense {kind!r} model")
